@@ -1,0 +1,143 @@
+import io
+
+import pytest
+import torch
+import torchvision
+
+from noduledet.models import PRESETS, TABLES, VARIANTS, build_detector, build_from_spec
+from noduledet.models.detector import DetectorSpec, resolve_spec
+
+SIZE = 64
+
+
+def _target(boxes):
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+
+
+def _mask_target(boxes):
+    t = _target(boxes)
+    masks = torch.zeros(len(t["boxes"]), SIZE, SIZE, dtype=torch.uint8)
+    for m, (x1, y1, x2, y2) in zip(masks, t["boxes"].int().tolist()):
+        m[y1:y2, x1:x2] = 1
+    t["masks"] = masks
+    return t
+
+
+def test_tables_name_registered_variants():
+    assert set(TABLES[3]) | set(TABLES[4]) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_trains_one_step_and_infers(variant):
+    model = build_detector(variant)
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)]
+    targets = [_target([[10, 12, 30, 28]]), _target([])]  # one image without a nodule
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = model.train()(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    opt.step()
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, SIZE, SIZE + 8)])[0]
+    assert set(out) == {"boxes", "scores", "labels"}
+    assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= PRESETS["tiny"].box_detections_per_img
+    if len(out["boxes"]):
+        assert out["boxes"][:, 2].max() <= SIZE + 8 and out["boxes"][:, 3].max() <= SIZE
+
+
+def test_empty_image_has_zero_box_loss():
+    losses = build_detector("ccapm").train()([torch.rand(3, SIZE, SIZE)], [_target([])])
+    assert losses["loss_box_reg"] == 0
+
+
+def test_every_parameter_gets_a_gradient():
+    model = build_detector("ccapm", masks=True).train()
+    losses = model([torch.rand(3, SIZE, SIZE)], [_mask_target([[8, 8, 40, 36]])])
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_mask_rcnn_trains_and_returns_masks():
+    model = build_detector("ccasm", masks=True)
+    losses = model.train()([torch.rand(3, SIZE, SIZE)], [_mask_target([[8, 8, 40, 36]])])
+    assert "loss_mask" in losses and torch.isfinite(losses["loss_mask"])
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, SIZE, SIZE)])[0]
+    assert out["masks"].shape[1:] == (1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("in_channels", [1, 5])
+def test_in_channels_is_the_number_of_slices(in_channels):
+    for variant in ("ccapm", "vgg16", "efficientnet-b0", "mobilenet-v3-large"):
+        model = build_detector(variant, in_channels=in_channels).eval()
+        with torch.no_grad():
+            model([torch.rand(in_channels, SIZE, SIZE)])
+
+
+def test_no_resize_and_no_imagenet_normalisation():
+    model = build_detector("res").eval()
+    image = torch.rand(3, 70, 90)
+    images, _ = model.transform([image])
+    assert images.image_sizes == [(70, 90)]
+    assert images.tensors.shape[-2:] == (96, 96)  # padded to a multiple of 32, not resized
+    torch.testing.assert_close(images.tensors[0, :, :70, :90], image)
+
+
+def test_integer_images_are_refused():
+    with pytest.raises(TypeError, match="float tensors in \\[0, 1\\]"):
+        build_detector("res").eval()([torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)])
+
+
+def test_anchors_cover_small_nodules():
+    anchors = build_detector("res").rpn.anchor_generator
+    sizes = [s for level in anchors.sizes for s in level]
+    assert min(sizes) <= 4 and max(sizes) >= 90
+
+
+def test_state_dict_round_trip():
+    a = build_detector("ccapm", attention_options={"combine": "mul"}).eval()
+    buf = io.BytesIO()
+    torch.save({"spec": a.spec.to_dict(), "model": a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b = build_from_spec("ccapm", DetectorSpec.from_dict(ckpt["spec"])).eval()
+    b.load_state_dict(ckpt["model"])
+    x = [torch.rand(3, SIZE, SIZE)]
+    with torch.no_grad():
+        torch.testing.assert_close(a.backbone(x[0][None])["0"], b.backbone(x[0][None])["0"])
+    assert b.spec.attention_options == (("combine", "mul"),)
+
+
+def test_unknown_option_and_variant_are_named():
+    with pytest.raises(ValueError, match=r"unknown detector option\(s\) \['fpn_width'\]"):
+        build_detector("res", fpn_width=32)
+    with pytest.raises(ValueError, match="unknown variant 'resnet101'"):
+        build_detector("resnet101")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        build_detector("res", preset="huge")
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_plain_resnets_have_torchvision_layout(depth):
+    """resnet18/resnet50 at width 1 load torchvision's state dict (less fc) exactly."""
+    ours = build_detector(f"resnet{depth}", width=1.0).backbone.body
+    theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+    theirs = {k: v for k, v in theirs.items() if not k.startswith("fc.")}
+    assert list(ours.state_dict()) == list(theirs)
+    ours.load_state_dict(theirs, strict=True)
+
+
+def test_paper_preset_is_resnet50_width():
+    spec = resolve_spec("paper")
+    assert (spec.depth, spec.width, spec.fpn_channels) == (50, 1.0, 256)
+
+
+@pytest.mark.slow
+def test_paper_size_forward_512():
+    model = build_detector("ccapm", preset="paper").eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 512, 512)])[0]
+    assert out["boxes"].shape[1] == 4
