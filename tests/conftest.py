@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,3 +11,22 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """A small phantom in the LUNA16 layout: 4 scans of 96x96 pixels, 1-2 nodules of 8-20 mm."""
+    from noduledet.data.phantom import write_dataset
+
+    root = tmp_path_factory.mktemp("phantom") / "luna"
+    write_dataset(root, scans=4, seed=3, size=96, nodules=(1, 2), diameters=(8.0, 20.0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def phantom_cache(phantom_root, tmp_path_factory) -> Path:
+    from noduledet.data.cache import prepare
+
+    cache = tmp_path_factory.mktemp("cache") / "cache"
+    prepare(phantom_root, cache)
+    return cache

@@ -1,0 +1,341 @@
+"""Read and write CT volumes: MetaImage (.mhd/.raw), a DICOM series folder, NIfTI (.nii, .nii.gz).
+
+Every reader returns a ``CTVolume``: Hounsfield units as int16 in (z, y, x) order plus the
+``Geometry`` that places it in the world (LPS mm, as ITK and LUNA16). Bad input raises
+``UserError`` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from noduledet.errors import UserError
+from noduledet.geometry import Geometry
+
+HU_MIN, HU_MAX = -1024, 3071  # int16 range used by CT scanners (12-bit plus intercept)
+
+
+@dataclass
+class CTVolume:
+    """A CT scan: ``hu`` (z, y, x) int16 Hounsfield units, and its ``geometry``."""
+
+    hu: np.ndarray
+    geometry: Geometry
+    source: str = ""
+
+    def __post_init__(self):
+        if self.hu.ndim != 3:
+            raise ValueError(f"expected a 3D (z, y, x) array, got shape {self.hu.shape}")
+        if tuple(self.hu.shape) != tuple(self.geometry.shape):
+            raise ValueError(f"array shape {self.hu.shape} != geometry shape {self.geometry.shape}")
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    """Geometry of a 3D SimpleITK image."""
+    size = image.GetSize()  # (x, y, z)
+    return Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
+                    (size[2], size[1], size[0]))
+
+
+def to_sitk(volume: CTVolume) -> sitk.Image:
+    """The volume as a SimpleITK image with its geometry."""
+    image = sitk.GetImageFromArray(volume.hu)
+    g = volume.geometry
+    image.SetSpacing(g.spacing)
+    image.SetOrigin(g.origin)
+    image.SetDirection(g.direction)
+    return image
+
+
+def _to_hu(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.int16:
+        return array
+    return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+
+
+def _from_sitk(image: sitk.Image, source: str) -> CTVolume:
+    if image.GetDimension() != 3:
+        raise UserError(f"{source}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{source}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+    hu = _to_hu(sitk.GetArrayFromImage(image))
+    if hu.size == 0:
+        raise UserError(f"{source}: the image is empty")
+    return CTVolume(hu, geometry_of(image), source)
+
+
+# ---- MetaImage ------------------------------------------------------------------------------
+
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4,
+              "MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_ULONG": 8, "MET_LONG": 8}
+
+
+def read_mhd_header(path: Path) -> dict[str, str]:
+    """The ``key = value`` lines of a MetaImage header, up to ElementDataFile."""
+    header: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                line = raw.decode("latin-1").strip()
+                if "=" not in line:
+                    continue
+                key, value = (s.strip() for s in line.split("=", 1))
+                header[key] = value
+                if key == "ElementDataFile":
+                    break
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    for key in ("DimSize", "ElementType", "ElementDataFile"):
+        if key not in header:
+            raise UserError(f"{path}: not a MetaImage header (no {key})")
+    return header
+
+
+def check_mhd(path: Path) -> None:
+    """Refuse a header whose data file is missing or shorter than its DimSize says."""
+    header = read_mhd_header(path)
+    data = header["ElementDataFile"]
+    if data.upper() == "LOCAL" or data.upper().startswith("LIST"):
+        return
+    raw = path.parent / data
+    if not raw.is_file():
+        raise UserError(f"{raw}: missing (the data file named by {path.name})")
+    if header.get("CompressedData", "False").lower() == "true":
+        return
+    dims = [int(d) for d in header["DimSize"].split()]
+    channels = int(header.get("ElementNumberOfChannels", "1"))
+    expected = int(np.prod(dims)) * _MET_BYTES.get(header["ElementType"], 1) * channels
+    actual = raw.stat().st_size
+    if actual < expected:
+        raise UserError(f"{raw}: truncated, {actual} bytes where {path.name} needs {expected}")
+
+
+def read_mhd_geometry(path: Path) -> Geometry:
+    """Geometry from a MetaImage header alone (no pixel data read)."""
+    h = read_mhd_header(path)
+    try:
+        size = [int(v) for v in h["DimSize"].split()]
+        spacing = [float(v) for v in h.get("ElementSpacing", "1 1 1").split()]
+        origin = [float(v) for v in (h.get("Offset") or h.get("Origin") or h.get("Position") or "0 0 0").split()]
+        direction = [float(v) for v in (h.get("TransformMatrix") or h.get("Rotation") or h.get("Orientation")
+                                        or "1 0 0 0 1 0 0 0 1").split()]
+        # MetaImage stores the matrix column by column (each index axis's direction in turn)
+        d = np.array(direction).reshape(3, 3).T
+        return Geometry(tuple(spacing), tuple(origin), tuple(d.ravel()), (size[2], size[1], size[0]))
+    except (ValueError, IndexError) as err:
+        raise UserError(f"{path}: bad MetaImage geometry ({err})") from None
+
+
+def read_mhd(path: Path) -> CTVolume:
+    check_mhd(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise UserError(f"{path}: unreadable MetaImage ({_first_line(err)})") from None
+    return _from_sitk(image, str(path))
+
+
+# ---- NIfTI ----------------------------------------------------------------------------------
+
+def read_nifti(path: Path) -> CTVolume:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise UserError(f"{path}: unreadable NIfTI ({_first_line(err)})") from None
+    return _from_sitk(image, str(path))
+
+
+# ---- DICOM ----------------------------------------------------------------------------------
+
+@dataclass
+class _Slice:
+    path: Path
+    series: str
+    position: np.ndarray  # ImagePositionPatient (x, y, z)
+    orientation: np.ndarray  # ImageOrientationPatient (6,)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
+    shape: tuple[int, int]
+
+
+def _scan_dicom_folder(folder: Path) -> list[_Slice]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    slices = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError):
+            continue  # not DICOM (a README, a DICOMDIR index, ...)
+        if "ImagePositionPatient" not in ds or "Rows" not in ds:
+            continue
+        try:
+            slices.append(_Slice(
+                path, str(ds.SeriesInstanceUID),
+                np.array([float(v) for v in ds.ImagePositionPatient]),
+                np.array([float(v) for v in ds.ImageOrientationPatient]),
+                (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+                (int(ds.Rows), int(ds.Columns)),
+            ))
+        except (AttributeError, ValueError, IndexError, TypeError) as err:
+            raise UserError(f"{path}: DICOM image without usable geometry ({err})") from None
+    return slices
+
+
+def list_dicom_series(folder: Path) -> dict[str, int]:
+    """SeriesInstanceUID -> number of images in ``folder``."""
+    counts: dict[str, int] = {}
+    for s in _scan_dicom_folder(folder):
+        counts[s.series] = counts.get(s.series, 0) + 1
+    return counts
+
+
+def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
+    """Read one DICOM series from a folder.
+
+    Slices are sorted by their position along the slice normal; rescale slope/intercept are
+    applied. A folder with no images, several series (unless ``series`` picks one), slices of
+    different size or orientation, a missing slice or uneven spacing is refused.
+    """
+    slices = _scan_dicom_folder(folder)
+    if not slices:
+        raise UserError(f"{folder}: no DICOM images")
+    by_series: dict[str, list[_Slice]] = {}
+    for s in slices:
+        by_series.setdefault(s.series, []).append(s)
+    if series is None and len(by_series) > 1:
+        listing = ", ".join(f"{uid} ({len(v)} images)" for uid, v in sorted(by_series.items()))
+        raise UserError(f"{folder}: {len(by_series)} series in one folder: {listing}; choose one with --series UID")
+    if series is not None and series not in by_series:
+        raise UserError(f"{folder}: no series {series}; found {sorted(by_series)}")
+    chosen = by_series[series or next(iter(by_series))]
+    if len(chosen) < 2:
+        raise UserError(f"{folder}: a single image is not a CT volume")
+    first = chosen[0]
+    for s in chosen:
+        if s.shape != first.shape or not np.allclose(s.orientation, first.orientation, atol=1e-4):
+            raise UserError(f"{s.path}: size or orientation differs from {first.path.name}")
+    row, col = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row, col)
+    chosen.sort(key=lambda s: float(s.position @ normal))
+    z = np.array([s.position @ normal for s in chosen])
+    gaps = np.diff(z)
+    step = float(np.median(gaps))
+    if step <= 1e-6 or gaps.min() <= 1e-6:
+        i = int(np.argmin(gaps))
+        raise UserError(f"{chosen[i + 1].path}: same position as {chosen[i].path.name} (duplicate slice)")
+    bad = np.nonzero(np.abs(gaps - step) > max(0.01, 0.05 * step))[0]
+    if len(bad):
+        i = int(bad[0])
+        missing = round(gaps[i] / step) - 1
+        what = (f"{missing} missing slice(s)" if missing >= 1 and abs(gaps[i] - (missing + 1) * step) < 0.05 * step
+                else f"uneven spacing ({gaps[i]:.3f} mm where the series steps {step:.3f} mm)")
+        raise UserError(f"{folder}: {what} between {chosen[i].path.name} (at {z[i]:.2f} mm) and "
+                        f"{chosen[i + 1].path.name} (at {z[i + 1]:.2f} mm)")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(s.path) for s in chosen])
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise UserError(f"{folder}: unreadable DICOM pixel data ({_first_line(err)})") from None
+    hu = _to_hu(sitk.GetArrayFromImage(image))
+    direction = np.stack([row, col, normal], axis=1)  # columns: index axes x, y, z
+    geometry = Geometry(
+        (first.pixel_spacing[1], first.pixel_spacing[0], step),
+        tuple(float(v) for v in first.position),
+        tuple(float(v) for v in direction.ravel()),
+        tuple(hu.shape),
+    )
+    return CTVolume(hu, geometry, str(folder))
+
+
+def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
+                intercept: float = -1024.0, slope: float = 1.0) -> list[Path]:
+    """Write the volume as a DICOM CT series, one file per slice, unsigned with an intercept."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = volume.geometry
+    d = np.asarray(g.direction, dtype=float).reshape(3, 3)
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    stored = np.rint((volume.hu.astype(np.float64) - intercept) / slope)
+    if stored.min() < 0 or stored.max() > 65535:
+        raise ValueError("HU values do not fit unsigned 16 bits with this intercept and slope")
+    stored = stored.astype(np.uint16)
+    paths = []
+    for k in range(volume.hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "noduledet", k + 1
+        ds.Rows, ds.Columns = volume.hu.shape[1], volume.hu.shape[2]
+        ds.PixelSpacing = [f"{g.spacing[1]:.6g}", f"{g.spacing[0]:.6g}"]
+        ds.SliceThickness = f"{g.spacing[2]:.6g}"
+        position = g.voxel_to_world([k, 0, 0])
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in np.concatenate([d[:, 0], d[:, 1]])]
+        ds.RescaleIntercept, ds.RescaleSlope = f"{intercept:g}", f"{slope:g}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = stored[k].tobytes()
+        path = folder / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+# ---- any format -----------------------------------------------------------------------------
+
+def ct_kind(path: Path) -> str | None:
+    """"mhd", "nifti", "dicom" (a folder) or None."""
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom"
+    if name.endswith(".mhd"):
+        return "mhd"
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return "nifti"
+    return None
+
+
+def read_ct(path: str | os.PathLike, series: str | None = None) -> CTVolume:
+    """Read a CT scan from a .mhd file, a .nii/.nii.gz file or a DICOM series folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    kind = ct_kind(path)
+    if kind == "mhd":
+        return read_mhd(path)
+    if kind == "nifti":
+        return read_nifti(path)
+    if kind == "dicom":
+        return read_dicom(path, series)
+    raise UserError(f"{path}: unknown CT format (expected .mhd, .nii, .nii.gz or a DICOM folder)")
+
+
+def write_ct(volume: CTVolume, path: str | os.PathLike) -> None:
+    """Write .mhd (+ .raw beside it, uncompressed as LUNA16) or .nii/.nii.gz."""
+    path = Path(path)
+    if ct_kind(path) not in ("mhd", "nifti"):
+        raise ValueError(f"{path}: write .mhd, .nii or .nii.gz (DICOM: write_dicom)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(to_sitk(volume), str(path), useCompression=path.name.endswith(".gz"))
+
+
+def _first_line(err: Exception) -> str:
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    return lines[-1] if lines else type(err).__name__

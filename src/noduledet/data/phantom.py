@@ -1,0 +1,599 @@
+"""A generated chest-CT dataset in the LUNA16 layout, so that everything runs with no download.
+
+Each scan is built in world millimetres and sampled on its own grid (so a scan with a flipped
+direction shows the same anatomy at the same world coordinates), with real Hounsfield values:
+air -1000, lung parenchyma about -860 (denser posteriorly), fat -100, muscle and blood 40,
+cancellous bone 250 and cortical bone 700, a patient table under the body, and, inside the
+lungs, branching vessel trees (the true confounder of a 2D nodule detector: a vessel crossing
+the slice looks like a nodule). Nodules of 3-30 mm are solid, part-solid or ground-glass, some
+touching the pleura (juxtapleural), and take their shapes from real LIDC-IDRI consensus
+contours. In-plane correlated noise and a circular reconstruction field finish the image.
+
+Annotations are exact, with LUNA16's definitions: centre = centroid of the nodule as drawn,
+``diameter_mm`` = volume-equivalent sphere diameter. Nodules under 3 mm and non-nodule findings
+go to ``annotations_excluded.csv`` (diameter -1 for the latter), as in LUNA16.
+
+These scans are phantoms: numbers measured on them say that the software works, not how it
+would perform on patients.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from noduledet.data.ct import CTVolume, write_ct
+from noduledet.data.luna16 import Findings, write_findings
+from noduledet.errors import UserError
+from noduledet.geometry import Geometry
+
+PHANTOM_VERSION = 1
+UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root; the rest is the seed and the scan number
+SLICE_SPACINGS = (1.0, 1.25, 1.5, 2.0, 2.5)
+KINDS = ("solid", "part-solid", "ground-glass")
+
+
+@dataclass
+class Shape:
+    """A nodule outline from LIDC: (z, y, x) bool mask and its voxel size (z, y, x) mm."""
+
+    mask: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+@lru_cache(maxsize=2)
+def shape_library(count: int = 40, min_diameter_mm: float = 8.0) -> tuple[Shape, ...]:
+    """Consensus masks of ``count`` LIDC nodules (>= 3 readers) from thin-slice scans."""
+    from noduledet.data.lidc import LidcDatabase
+    from noduledet.data.luna16 import REFERENCE, read_uid_list
+
+    uids = read_uid_list(REFERENCE / "luna16_seriesuids.csv")
+    shapes: list[Shape] = []
+    for start in range(0, len(uids), 100):
+        db = LidcDatabase(uids=uids[start:start + 100])
+        for scan in sorted(db.scans.values(), key=lambda s: s.series_uid):
+            if scan.z_step > 1.25:
+                continue
+            for nod in db.nodules(scan):
+                if nod.readers >= 3 and nod.diameter_mm >= min_diameter_mm:
+                    mask, spacing = nod.consensus_volume()
+                    if mask.sum() >= 50:
+                        shapes.append(Shape(mask, spacing))
+                if len(shapes) >= count:
+                    return tuple(shapes)
+    return tuple(shapes)
+
+
+@dataclass
+class PhantomNodule:
+    center_xyz: np.ndarray  # world mm, centroid of the drawn nodule
+    diameter_mm: float  # volume-equivalent
+    kind: str
+    juxtapleural: bool
+
+
+@dataclass
+class PhantomScan:
+    uid: str
+    volume: CTVolume
+    nodules: list[PhantomNodule]
+    excluded: list[tuple[np.ndarray, float]]  # (world centre, diameter or -1)
+
+
+class Anatomy:
+    """The analytic body of one patient, evaluated on axial planes of world z."""
+
+    def __init__(self, rng: np.random.Generator, z_top: float, height_mm: float):
+        s = rng.uniform(0.88, 1.08)  # patient size
+        self.a, self.b = 160 * s, 112 * s * rng.uniform(0.92, 1.05)  # body semi-axes x, y (mm)
+        self.fat = rng.uniform(8, 22)
+        self.wall = rng.uniform(10, 16)
+        self.cx, self.cy = rng.uniform(-10, 10), rng.uniform(-15, 5)
+        self.z_top, self.height = z_top, height_mm  # lung apex, apex-to-base distance
+        self.lung_top = 0.96
+        self.base = {+1: rng.uniform(0.10, 0.16), -1: rng.uniform(0.14, 0.22)}  # by side (+x = patient's left)
+        self.rib_period = rng.uniform(22, 30)
+        self.rib_phase = rng.uniform(0, 1)
+        self.lung_hu = rng.uniform(-880, -840)
+        self.fov_pad = rng.choice([-1024, -2000, -3024])
+
+    def t(self, z: np.ndarray) -> np.ndarray:
+        """Relative height: 1 at the lung apex, 0 at the lowest base."""
+        return 1 - (self.z_top - z) / self.height
+
+    def lung_ellipse(self, side: int, t: float) -> tuple[float, float, float, float] | None:
+        """(centre x, centre y, semi-axis x, semi-axis y) of one lung at height t, or None."""
+        lo = self.base[side]
+        if not lo < t < self.lung_top:
+            return None
+        u = (t - lo) / (self.lung_top - lo)
+        grow = np.sqrt(np.sin(np.pi * min(1.0, 0.35 + 0.65 * u))) * (1 - 0.55 * max(0.0, u - 0.6) / 0.4)
+        ax = (self.a - self.fat - self.wall) * 0.46 * grow
+        ay = (self.b - self.fat - self.wall) * 0.86 * grow
+        return self.cx + side * (self.a * 0.44), self.cy + 5, ax, ay
+
+    def lung_depth(self, x: np.ndarray, y: np.ndarray, t: float) -> np.ndarray:
+        """Approximate depth (mm) of points inside the lungs at height t; negative outside."""
+        depth = np.full(np.broadcast(x, y).shape, -1e3)
+        for side in (-1, 1):
+            e = self.lung_ellipse(side, t)
+            if e is None:
+                continue
+            ex, ey, ax, ay = e
+            rho = np.sqrt(((x - ex) / ax) ** 2 + ((y - ey) / ay) ** 2)
+            d = (1 - rho) * min(ax, ay)
+            dome = self.dome(side, t)
+            if dome is not None:  # the diaphragm dome pushes up into the base: a crescent
+                dx, dy, dax, day = dome
+                rho_d = np.sqrt(((x - dx) / dax) ** 2 + ((y - dy) / day) ** 2)
+                d = np.minimum(d, (rho_d - 1) * min(dax, day))
+            heart = self.heart(t)
+            if heart is not None:
+                hx, hy, hax, hay = heart
+                rho_h = np.sqrt(((x - hx) / hax) ** 2 + ((y - hy) / hay) ** 2)
+                d = np.minimum(d, (rho_h - 1) * min(hax, hay))
+            depth = np.maximum(depth, d)
+        return depth
+
+    def dome(self, side: int, t: float):
+        lo = self.base[side]
+        top = lo + 0.18
+        e = self.lung_ellipse(side, t)
+        if e is None or t >= top:
+            return None
+        f = (top - t) / (top - lo)
+        ex, ey, ax, ay = e
+        return ex + side * 0.15 * ax, ey - 0.1 * ay, ax * 0.95 * f ** 0.5, ay * 0.9 * f ** 0.5
+
+    def heart(self, t: float):
+        if not 0.12 < t < 0.62:
+            return None
+        h = np.sin(np.pi * (t - 0.12) / 0.5)
+        return self.cx + 18, self.cy - 25, 62 * h + 5, 48 * h + 5
+
+    def slice_hu(self, x: np.ndarray, y: np.ndarray, z: float, texture) -> tuple[np.ndarray, np.ndarray]:
+        """HU of one axial plane without vessels and nodules, and its lung mask.
+
+        Args:
+            x: (1, W) and y: (H, 1) float32 world mm of the plane's columns and rows.
+            texture: callable (rows, cols) -> lung texture (HU) on that part of the plane.
+
+        Every structure is drawn inside its own bounding box: a full-plane expression per
+        structure would cost most of the phantom's time.
+        """
+        t = float(self.t(np.asarray(z)))
+        hu = np.full((y.shape[0], x.shape[1]), -1000.0, dtype=np.float32)
+        lung = np.zeros(hu.shape, dtype=bool)
+        taper = 1 - 0.12 * max(0.0, t - 0.7) / 0.3
+        a, b = self.a * taper, self.b * taper
+        _fill_ellipse(hu, x, y, self.cx, self.cy, a, b, -100)  # subcutaneous fat
+        _fill_ellipse(hu, x, y, self.cx, self.cy, a - self.fat, b - self.fat, 42)  # muscle
+        inner = (a - self.fat - self.wall, b - self.fat - self.wall)
+        _fill_ellipse(hu, x, y, self.cx, self.cy, *inner, 20)  # mediastinum; abdomen below the lungs
+        if t < 0.25:  # liver under the right dome (patient's right is -x in LPS)
+            _fill_ellipse(hu, x, y, self.cx - 0.25 * a, self.cy - 0.05 * b, 0.5 * a, 0.65 * b, 58)
+        if t > 0.1:
+            self._ribs(hu, x, y, z, a, b)
+        # spine: vertebral body (cortex, cancellous bone) and canal, posterior (+y in LPS)
+        vy = self.cy + b - self.fat - self.wall - 28
+        _fill_ellipse(hu, x, y, self.cx, vy, 19, 19, 700)
+        _fill_ellipse(hu, x, y, self.cx, vy, 16, 16, 240)
+        _fill_ellipse(hu, x, y, self.cx, vy + 24, 8, 8, 25)
+        # lungs, denser posteriorly (dependent lung)
+        for side in (-1, 1):
+            e = self.lung_ellipse(side, t)
+            if e is None:
+                continue
+            rows = _index_range(y[:, 0], e[1] - e[3], e[1] + e[3])
+            cols = _index_range(x[0], e[0] - e[2], e[0] + e[2])
+            inside = self.lung_depth(x[:, cols], y[rows], t) > 0
+            values = self.lung_hu + 40 * (y[rows] - self.cy) / b + texture(rows, cols)
+            view = hu[rows, cols]
+            view[inside] = values[inside]
+            lung[rows, cols] |= inside
+        heart = self.heart(t)
+        if heart is not None:
+            _fill_ellipse(hu, x, y, *heart, 40)
+        if 0.3 < t < 0.85:  # descending aorta beside the spine
+            _fill_ellipse(hu, x, y, self.cx + 22, vy - 30, 12, 12, 45)
+        if t > 0.62:  # trachea: air in a soft-tissue wall
+            _fill_ellipse(hu, x, y, self.cx, self.cy - 5, 11, 11, 30)
+            _fill_ellipse(hu, x, y, self.cx, self.cy - 5, 9, 9, -990)
+        # the table under the patient: a curved shell over foam
+        rows = _index_range(y[:, 0], self.cy + self.b + 15, self.cy + self.b + 60)
+        curve = self.cy + self.b + 18 + 0.0006 * (x - self.cx) ** 2
+        yy = y[rows]
+        view = hu[rows]
+        view[(yy > curve) & (yy < curve + 4)] = 300
+        view[(yy >= curve + 4) & (yy < curve + 20)] = -150
+        return hu, lung & (hu < -600)
+
+    def _ribs(self, hu, x, y, z, a, b) -> None:
+        """Oblique rib crossings in a ring inside the chest wall, none at the sternum."""
+        ra, rb = a - self.fat - 0.5 * self.wall, b - self.fat - 0.5 * self.wall
+        rows = _index_range(y[:, 0], self.cy - rb * 1.08, self.cy + rb * 1.08)
+        cols = _index_range(x[0], self.cx - ra * 1.08, self.cx + ra * 1.08)
+        dx, dy = x[:, cols] - self.cx, y[rows] - self.cy
+        ring = np.abs(np.sqrt((dx / ra) ** 2 + (dy / rb) ** 2) - 1)
+        r, c = np.nonzero(ring < 0.035)
+        theta = np.arctan2(dy[r, 0], dx[0, c])
+        wave = np.cos(2 * np.pi * (z / self.rib_period + self.rib_phase) + 7 * theta)
+        bone = (wave > 0.72) & (np.abs(theta + np.pi / 2) > 0.35)
+        view = hu[rows, cols]
+        view[r[bone], c[bone]] = np.where(ring[r[bone], c[bone]] < 0.018, 260, 600)
+
+
+def _fill_ellipse(hu: np.ndarray, x: np.ndarray, y: np.ndarray, cx: float, cy: float,
+                  ax: float, ay: float, value: float) -> None:
+    """Set ``value`` inside an axis-aligned ellipse, evaluated in its bounding box only."""
+    rows = _index_range(y[:, 0], cy - ay, cy + ay)
+    cols = _index_range(x[0], cx - ax, cx + ax)
+    inside = ((x[:, cols] - cx) / ax) ** 2 + ((y[rows] - cy) / ay) ** 2 <= 1
+    hu[rows, cols][inside] = value
+
+
+def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Segments (start, end, radius) of one lung's vessel tree in world mm.
+
+    Four trunks leave the hilum (up, down, forward, back); every segment forks in two, each
+    child thinner and shorter and turned at random, and a child is kept only if it ends inside
+    the lung, so the tree fills the lung out to the pleura with vessels of 6 down to 0.6 mm.
+    """
+    z_hilum = anatomy.z_top - anatomy.height * 0.48
+    e = anatomy.lung_ellipse(side, float(anatomy.t(np.asarray(z_hilum))))
+    hilum = np.array([e[0] - side * 0.7 * e[2], e[1], z_hilum])
+
+    def inside(point: np.ndarray, margin: float) -> bool:
+        t = float(anatomy.t(np.asarray(point[2])))
+        return 0 < t < 1 and float(anatomy.lung_depth(np.asarray(point[0]), np.asarray(point[1]), t)) > margin
+
+    trunks = [(0.3 * side, 0, 1), (0.3 * side, 0, -1), (side, -0.7, 0), (side, 0.7, 0)]
+    stack = [(hilum, np.array(d, dtype=float), 5.5, 30.0, 0) for d in trunks]
+    segments = []
+    while stack:
+        p, d, r, length, gen = stack.pop()
+        for _ in range(6):
+            direction = d + rng.normal(0, 0.35, 3)
+            direction /= np.linalg.norm(direction)
+            end = p + direction * length
+            if inside(end, r + 1):
+                break
+        else:
+            continue  # no room left: the branch ends here
+        segments.append((p, end, r))
+        if r < 0.8 or gen >= 10:
+            continue
+        turn = np.cross(direction, rng.normal(0, 1, 3))
+        turn /= np.linalg.norm(turn) + 1e-9
+        for sign in (-1, 1):
+            stack.append((end, direction + sign * 0.55 * turn, r * rng.uniform(0.7, 0.8),
+                          length * rng.uniform(0.72, 0.86), gen + 1))
+    return segments
+
+
+def _world_axes(g: Geometry):
+    """World coordinate of every index along x, y, z of an identity-direction grid."""
+    nz, ny, nx = g.shape
+    return tuple(o + s * np.arange(n) for o, s, n in zip(g.origin, g.spacing, (nx, ny, nz)))
+
+
+def _index_range(axis: np.ndarray, lo: float, hi: float) -> slice:
+    idx = np.nonzero((axis >= lo) & (axis <= hi))[0]
+    return slice(int(idx.min()), int(idx.max()) + 1) if len(idx) else slice(0, 0)
+
+
+def _capsule(axes, p: np.ndarray, q: np.ndarray, r: float, pixel: float):
+    """Partial-volume occupancy of a capsule from p to q of radius r (world mm).
+
+    Returns (the (z, y, x) slices of the volume it touches, occupancy there), or None."""
+    xs, ys, zs = axes
+    lo, hi = np.minimum(p, q) - r - pixel, np.maximum(p, q) + r + pixel
+    sx, sy, sz = _index_range(xs, lo[0], hi[0]), _index_range(ys, lo[1], hi[1]), _index_range(zs, lo[2], hi[2])
+    if sx.stop == sx.start or sy.stop == sy.start or sz.stop == sz.start:
+        return None
+    X, Y, Z = xs[sx][None, None, :], ys[sy][None, :, None], zs[sz][:, None, None]
+    v = q - p
+    u = np.clip(((X - p[0]) * v[0] + (Y - p[1]) * v[1] + (Z - p[2]) * v[2]) / (float(v @ v) + 1e-9), 0, 1)
+    dist = np.sqrt((X - p[0] - u * v[0]) ** 2 + (Y - p[1] - u * v[1]) ** 2 + (Z - p[2] - u * v[2]) ** 2)
+    return (sz, sy, sx), np.clip((r - dist) / pixel + 0.5, 0, 1).astype(np.float32)
+
+
+def _resample_shape(shape: Shape, diameter_mm: float, spacing_zyx, rng: np.random.Generator) -> np.ndarray:
+    """The shape scaled to ``diameter_mm`` (volume-equivalent), randomly flipped/turned, as
+    partial-volume occupancy on a grid of ``spacing_zyx`` (2x supersampled, then averaged)."""
+    mask = shape.mask
+    if rng.random() < 0.5:
+        mask = mask[:, :, ::-1]
+    if rng.random() < 0.5:
+        mask = mask[:, ::-1, :]
+    if rng.random() < 0.5:
+        mask = mask.transpose(0, 2, 1)
+    vox = float(np.prod(shape.spacing))
+    d0 = (6 * mask.sum() * vox / np.pi) ** (1 / 3)
+    scale = diameter_mm / d0
+    zoom = [s * scale / (t / 2) for s, t in zip(shape.spacing, spacing_zyx)]
+    fine = ndimage.zoom(np.pad(mask, 1).astype(np.float32), zoom, order=1) >= 0.5
+    pad = [(0, (-n) % 2) for n in fine.shape]
+    fine = np.pad(fine, pad)
+    z, y, x = (n // 2 for n in fine.shape)
+    return fine.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+
+
+def _nodule_hu(kind: str, occ: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if kind == "solid":
+        return np.full(occ.shape, rng.uniform(-20, 60), dtype=np.float32)
+    ggo = np.full(occ.shape, rng.uniform(-680, -380), dtype=np.float32)
+    if kind == "part-solid":
+        depth = ndimage.distance_transform_edt(occ >= 0.5)
+        core = depth >= 0.6 * max(depth.max(), 1)
+        ggo[core] = rng.uniform(-10, 50)
+    return ggo
+
+
+def _place(anatomy: Anatomy, rng: np.random.Generator, radius: float, juxtapleural: bool,
+           taken: list[tuple[np.ndarray, float]], z_lo: float, z_hi: float) -> np.ndarray | None:
+    """A world centre inside a lung for a nodule of ``radius`` (touching the pleura if asked)."""
+    for _ in range(400):
+        z = rng.uniform(z_lo + radius + 3, z_hi - radius - 3)
+        t = float(anatomy.t(np.asarray(z)))
+        side = rng.choice([-1, 1])
+        e = anatomy.lung_ellipse(side, t)
+        if e is None:
+            continue
+        ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1))
+        x, y = e[0] + rad * e[2] * np.cos(ang), e[1] + rad * e[3] * np.sin(ang)
+        depths = [float(anatomy.lung_depth(np.asarray(x), np.asarray(y), float(anatomy.t(np.asarray(zz)))))
+                  for zz in (z - 0.6 * radius, z, z + 0.6 * radius)]
+        d = depths[1]
+        ok = (radius * 0.25 < d < radius * 0.8 and min(depths) > 0) if juxtapleural else min(depths) > radius + 4
+        if ok and all(np.linalg.norm(np.array([x, y, z]) - c) > radius + r + 8 for c, r in taken):
+            return np.array([x, y, z])
+    return None
+
+
+def make_scan(seed: int, index: int, size: int = 512, shapes: tuple[Shape, ...] = (),
+              nodules: tuple[int, int] = (0, 4), diameters: tuple[float, float] = (3.0, 30.0),
+              flip_fraction: float = 0.15) -> PhantomScan:
+    """Generate scan ``index`` of the dataset with ``seed`` (deterministic in both)."""
+    rng = np.random.default_rng([seed, index])
+    uid = f"{UID_ROOT}.{seed}.{index + 1}"
+    spacing_xy = rng.uniform(0.62, 0.80) * 512 / size
+    fov = spacing_xy * size
+    spacing_z = max(float(rng.choice(SLICE_SPACINGS)), 0.8 * spacing_xy)
+    height = rng.uniform(215, 265)
+    z_top = rng.uniform(-120, 20)
+    anatomy = Anatomy(rng, z_top, height)
+    z_lo, z_hi = z_top - height - rng.uniform(15, 30), z_top + rng.uniform(15, 35)
+    nz = int(round((z_hi - z_lo) / spacing_z)) + 1
+    flipped = rng.random() < flip_fraction
+    centre_x, centre_y = anatomy.cx + rng.uniform(-8, 8), anatomy.cy + 18 + rng.uniform(-8, 8)
+    ox = centre_x - spacing_xy * (size - 1) / 2
+    oy = centre_y - spacing_xy * (size - 1) / 2
+    # built on an identity-direction grid; a flipped scan is that array mirrored in x and y
+    g = Geometry((spacing_xy, spacing_xy, spacing_z), (ox, oy, z_lo), (1, 0, 0, 0, 1, 0, 0, 0, 1), (nz, size, size))
+    xs, ys, zs = _world_axes(g)
+    X, Y = xs[None, :].astype(np.float32), ys[:, None].astype(np.float32)
+
+    # lung texture: a smooth random field, coarse in z and in-plane
+    coarse = rng.normal(0, 14, (max(2, nz // 8 + 2), max(2, size // 16), max(2, size // 16))).astype(np.float32)
+    planes = [ndimage.zoom(c, (size / c.shape[0], size / c.shape[1]), order=1) for c in coarse]
+    zpos = np.linspace(0, len(planes) - 1.001, nz)
+    hu = np.empty((nz, size, size), dtype=np.float32)
+    lung = np.empty((nz, size, size), dtype=bool)
+    for k, z in enumerate(zs):
+        k0, w = int(zpos[k]), float(zpos[k] % 1)
+        texture = lambda rows, cols: planes[k0][rows, cols] * (1 - w) + planes[k0 + 1][rows, cols] * w  # noqa: E731
+        hu[k], lung[k] = anatomy.slice_hu(X, Y, float(z), texture)
+
+    # vessels: the trees' occupancy, blended into the lungs as blood (about 38 HU)
+    # (drawn in the lungs' bounding box only, to spare whole-volume passes)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lung.any(axis=(1, 2))) +
+                np.nonzero(lung.any(axis=(0, 2))) + np.nonzero(lung.any(axis=(0, 1))))
+    frac = np.zeros([b.stop - b.start for b in box], dtype=np.float32)
+    box_axes = (xs[box[2]], ys[box[1]], zs[box[0]])
+    for side in (-1, 1):
+        for p, q, r in _vessel_tree(anatomy, rng, side):
+            region = _capsule(box_axes, p, q, r, spacing_xy)
+            if region is not None:
+                np.maximum(frac[region[0]], region[1], out=frac[region[0]])
+    frac *= lung[box]
+    hu[box] += frac * (38 - hu[box])
+    del frac
+
+    # nodules (in the lungs) and small excluded findings
+    shapes = shapes or [Shape(_ball(9), (1.0, 1.0, 1.0))]
+    out_nodules: list[PhantomNodule] = []
+    excluded: list[tuple[np.ndarray, float]] = []
+    taken: list[tuple[np.ndarray, float]] = []
+    spacing_zyx = (spacing_z, spacing_xy, spacing_xy)
+    wanted = [("nodule", rng.uniform(*diameters)) for _ in range(rng.integers(nodules[0], nodules[1] + 1))]
+    wanted += [("small", rng.uniform(1.5, 2.9)) for _ in range(rng.integers(0, 3))]
+    for what, diameter in wanted:
+        jux = what == "nodule" and rng.random() < 0.25
+        centre = _place(anatomy, rng, diameter / 2, jux, taken, z_lo, z_hi)
+        if centre is None:
+            continue
+        kind = str(rng.choice(KINDS, p=[0.7, 0.15, 0.15])) if what == "nodule" else "solid"
+        occ = _resample_shape(shapes[rng.integers(len(shapes))], diameter, spacing_zyx, rng)
+        placed = _stamp(hu, occ, _nodule_hu(kind, occ, rng), g.world_to_voxel(centre), None if jux else lung)
+        if placed is None:
+            continue
+        centroid = g.voxel_to_world(placed[0])
+        d = float((6 * placed[1] * np.prod(spacing_zyx) / np.pi) ** (1 / 3))
+        taken.append((centroid, diameter / 2))
+        if what == "nodule" and d >= 3.0:
+            out_nodules.append(PhantomNodule(centroid, d, kind, jux))
+        else:
+            excluded.append((centroid, d))
+
+    # a non-nodule finding, half the time: a linear scar, listed with diameter -1 as LUNA16 does
+    if rng.random() < 0.5:
+        c = _place(anatomy, rng, 5.0, False, taken, z_lo, z_hi)
+        if c is not None:
+            d = rng.normal(0, 1, 3)
+            region = _capsule((xs, ys, zs), c - 7 * d / np.linalg.norm(d), c + 7 * d / np.linalg.norm(d), 1.0, spacing_xy)
+            if region is not None:
+                occ = region[1] * lung[region[0]]
+                hu[region[0]] += occ * (-120 - hu[region[0]])
+                excluded.append((c, -1.0))
+
+    # blur and noise correlated in-plane: each slice takes a random window of a few filtered noise
+    # planes twice its size (filtering a whole volume of noise would dominate the time)
+    noise_std = rng.uniform(12, 30)
+    bank = ndimage.gaussian_filter(rng.standard_normal((4, 2 * size, 2 * size), dtype=np.float32), (0, 0.8, 0.8))
+    bank *= noise_std / bank.std()
+    r = (np.arange(size) - (size - 1) / 2) / (size / 2)
+    outside = r[None, :] ** 2 + r[:, None] ** 2 > 1.0  # the reconstruction circle
+    out = np.empty(hu.shape, dtype=np.int16)
+    for k in range(nz):
+        j, oy, ox = rng.integers(len(bank)), rng.integers(size), rng.integers(size)
+        plane = ndimage.gaussian_filter(hu[k], 0.7, truncate=2.0)  # the scanner's blur
+        plane += bank[j, oy:oy + size, ox:ox + size]
+        plane[outside] = anatomy.fov_pad
+        out[k] = np.rint(plane)
+    if flipped:  # as four LUNA16 scans: x and y flipped in the TransformMatrix
+        out = np.ascontiguousarray(out[:, ::-1, ::-1])
+        origin = g.voxel_to_world([0, size - 1, size - 1])
+        g = Geometry(g.spacing, tuple(float(v) for v in origin), (-1, 0, 0, 0, -1, 0, 0, 0, 1), g.shape)
+    return PhantomScan(uid, CTVolume(out, g, uid), out_nodules, excluded)
+
+
+def _ball(diameter: int) -> np.ndarray:
+    r = (np.arange(diameter) - (diameter - 1) / 2)
+    return (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= (diameter / 2) ** 2
+
+
+def _stamp(hu: np.ndarray, occ: np.ndarray, values: np.ndarray, centre_zyx: np.ndarray,
+           inside: np.ndarray | None) -> tuple[np.ndarray, float] | None:
+    """Blend a nodule (occupancy ``occ``, HU ``values``) centred at ``centre_zyx`` into ``hu``.
+
+    ``inside`` limits it to the lungs (a juxtapleural nodule passes None: it abuts the wall).
+    Returns the voxel centroid (z, y, x) of what was drawn and its volume in voxels.
+    """
+    c = np.round(centre_zyx).astype(int) - np.array(occ.shape) // 2
+    lo = np.maximum(c, 0)
+    hi = np.minimum(c + np.array(occ.shape), hu.shape)
+    if np.any(hi <= lo):
+        return None
+    src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, c))
+    dst = tuple(slice(a, b) for a, b in zip(lo, hi))
+    o = occ[src].copy()
+    if inside is not None:
+        o *= inside[dst]
+    if o.sum() < 1:
+        return None
+    hu[dst] += o * (values[src] - hu[dst])
+    idx = np.indices(o.shape).reshape(3, -1).T + lo
+    centroid = (idx * o.reshape(-1, 1)).sum(0) / o.sum()
+    return centroid, float(o.sum())
+
+
+def write_dataset(out: Path, scans: int, seed: int = 0, size: int = 512, workers: int = 1,
+                  nodules: tuple[int, int] = (0, 4), diameters: tuple[float, float] = (3.0, 30.0),
+                  force: bool = False, preview: bool = False, progress=None) -> dict:
+    """Write ``scans`` phantom scans in the LUNA16 layout to ``out``.
+
+    The folder appears only when complete (written beside it, then renamed); an existing
+    ``out`` is replaced only with ``force``.
+
+    Returns:
+        The summary written to ``out/phantom.json``.
+    """
+    out = Path(out)
+    if scans < 1:
+        raise UserError(f"--scans must be at least 1, got {scans}")
+    if size < 32:
+        raise UserError(f"--size must be at least 32 pixels, got {size}")
+    if out.exists() and not force:
+        raise UserError(f"{out}: exists; pass --force to replace it")
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes = shape_library()
+    n_subsets = min(10, scans)
+    jobs = [(tmp, seed, i, size, shapes, nodules, diameters, i % n_subsets) for i in range(scans)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(_progress(pool.map(_write_scan, jobs), progress, scans))
+    else:
+        results = [_write_scan(j) for j in _progress(jobs, progress, scans)]
+    uids = [r["uid"] for r in results]
+    annotations = [(r["uid"], n) for r in results for n in r["nodules"]]
+    excluded = [(r["uid"], e) for r in results for e in r["excluded"]]
+    write_findings(tmp / "annotations.csv", Findings(
+        np.array([u for u, _ in annotations], dtype=str), np.array([n["xyz"] for _, n in annotations]).reshape(-1, 3),
+        np.array([n["diameter_mm"] for _, n in annotations])))
+    write_findings(tmp / "annotations_excluded.csv", Findings(
+        np.array([u for u, _ in excluded], dtype=str), np.array([e["xyz"] for _, e in excluded]).reshape(-1, 3),
+        np.array([e["diameter_mm"] for _, e in excluded])))
+    (tmp / "seriesuids.csv").write_text("".join(u + "\n" for u in uids))
+    summary = {"phantom_version": PHANTOM_VERSION, "seed": seed, "size": size, "scans": results,
+               "nodules_per_scan": list(nodules), "diameters_mm": list(diameters),
+               "note": "generated phantom scans, not patient data"}
+    (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
+    if preview:
+        write_preview(tmp, tmp / "preview.png")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return summary
+
+
+def _progress(iterable, progress, total):
+    return progress(iterable, total=total) if progress else iterable
+
+
+def _write_scan(job) -> dict:
+    root, seed, index, size, shapes, nodules, diameters, subset = job
+    scan = make_scan(seed, index, size, shapes, nodules, diameters)
+    write_ct(scan.volume, root / f"subset{subset}" / f"{scan.uid}.mhd")
+    g = scan.volume.geometry
+    return {
+        "uid": scan.uid, "subset": subset, "shape_zyx": list(g.shape), "spacing_xyz": list(g.spacing),
+        "flipped": g.direction[0] < 0,
+        "nodules": [{"xyz": n.center_xyz.tolist(), "diameter_mm": n.diameter_mm, "kind": n.kind,
+                     "juxtapleural": n.juxtapleural} for n in scan.nodules],
+        "excluded": [{"xyz": c.tolist(), "diameter_mm": d} for c, d in scan.excluded],
+    }
+
+
+def write_preview(root: Path, path: Path, count: int = 8) -> None:
+    """A picture of axial slices through the first ``count`` nodules, each circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from noduledet.data.ct import read_ct
+    from noduledet.data.luna16 import Luna16
+
+    data = Luna16(root)
+    ann = data.annotations()
+    picks = list(range(min(count, len(ann))))
+    if not picks:
+        return
+    cols = 4
+    rows = (len(picks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    cache: dict[str, CTVolume] = {}
+    for ax, i in zip(axes.ravel(), picks):
+        uid = ann.uids[i]
+        vol = cache.setdefault(uid, read_ct(data.scan_path(uid)))
+        z, y, x = vol.geometry.world_to_voxel(ann.xyz[i])
+        k = int(round(z))
+        ax.imshow(vol.hu[k], cmap="gray", vmin=-1350, vmax=150)  # lung window
+        r = ann.value[i] / 2 / vol.geometry.spacing[0]
+        ax.add_patch(plt.Circle((x, y), r + 6, fill=False, color="red", lw=1.2))
+        ax.set_title(f"{uid[-8:]} slice {k}: {ann.value[i]:.1f} mm", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
