@@ -106,24 +106,6 @@ def sphere_box(center_zyx, radius_mm: float, z: int, spacing_xyz, min_section: f
     return [px - r / sx, py - r / sy, px + r / sx, py + r / sy]
 
 
-def mask_boxes(labels_yx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of every labelled region of one slice.
-
-    Args:
-        labels_yx: (H, W) integer labels, 0 = background.
-
-    Returns:
-        ids (N,) and boxes (N, 4) x1, y1, x2, y2 pixels enclosing each label's voxels.
-    """
-    ids = np.unique(labels_yx)
-    ids = ids[ids > 0]
-    boxes = np.zeros((len(ids), 4), dtype=np.float32)
-    for i, label in enumerate(ids):
-        ys, xs = np.nonzero(labels_yx == label)
-        boxes[i] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    return ids, boxes
-
-
 def clip_boxes(boxes: np.ndarray, height: int, width: int, min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Clip (N, 4) boxes to the image; drop those narrower than ``min_size`` pixels.
 

@@ -17,9 +17,6 @@ import SimpleITK as sitk
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 
-HU_MIN, HU_MAX = -1024, 3071  # int16 range used by CT scanners (12-bit plus intercept)
-
-
 @dataclass
 class CTVolume:
     """A CT scan: ``hu`` (z, y, x) int16 Hounsfield units, and its ``geometry``."""
@@ -185,14 +182,6 @@ def _scan_dicom_folder(folder: Path) -> list[_Slice]:
         except (AttributeError, ValueError, IndexError, TypeError) as err:
             raise UserError(f"{path}: DICOM image without usable geometry ({err})") from None
     return slices
-
-
-def list_dicom_series(folder: Path) -> dict[str, int]:
-    """SeriesInstanceUID -> number of images in ``folder``."""
-    counts: dict[str, int] = {}
-    for s in _scan_dicom_folder(folder):
-        counts[s.series] = counts.get(s.series, 0) + 1
-    return counts
 
 
 def read_dicom(folder: Path, series: str | None = None) -> CTVolume:

@@ -188,11 +188,3 @@ class Luna16:
     def candidates(self) -> Findings:
         p = self.csv_path("candidates_V2.csv", required=False) or self.csv_path("candidates.csv")
         return read_findings(p, CANDIDATE_COLUMNS)
-
-    def check_annotations(self, findings: Findings) -> None:
-        """Refuse annotations whose seriesuid has no scan here... unless none of them has one."""
-        unknown = sorted(set(findings.uids.tolist()) - set(self.scans))
-        known = set(findings.uids.tolist()) & set(self.scans)
-        if unknown and not known:
-            raise UserError(f"{findings.source}: none of its seriesuids is a scan under {self.root} "
-                            f"(first: {unknown[0]})")
