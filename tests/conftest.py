@@ -30,3 +30,23 @@ def phantom_cache(phantom_root, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("cache") / "cache"
     prepare(phantom_root, cache)
     return cache
+
+
+def write_random_checkpoint(path: Path, variant: str = "res", masks: bool = False) -> Path:
+    """A checkpoint of an untrained model that reports every box (score threshold 0): for
+    testing the plumbing, whose outputs depend on the input alone."""
+    from noduledet.config import Config
+    from noduledet.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(variant, box_score_thresh=0.0, masks=masks)
+    cfg = Config()
+    cfg.model.variant, cfg.model.masks = variant, masks
+    torch.save({"variant": variant, "spec": model.spec.to_dict(), "config": cfg.to_dict(),
+                "model": model.state_dict(), "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt")

@@ -69,6 +69,68 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from noduledet import engine
+    from noduledet.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = engine.train(cfg, resume=args.resume, force=args.force)
+    if engine.dist_info()[0] == 0:
+        print(f"run: {result['run']} (best validation mAP {result['best']:.4f}); checkpoints last.pt, best.pt")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from noduledet.evaluate import evaluate
+
+    overrides = {k: v for k, v in (("score_threshold", args.score_threshold), ("link_mm", args.link_mm)) if v is not None}
+    report = evaluate(args.checkpoint, args.out, data=args.data, cache=args.cache, subsets=args.subset,
+                      split=args.split, overrides=overrides, force=args.force, device=args.device,
+                      progress=_progress("evaluate", "scan"))
+    print((args.out / "metrics.md").read_text())
+    print(f"report: {args.out}/ (metrics.md, metrics.json, candidates.csv, froc.png, pr.png)")
+    return 0 if report else 1
+
+
+def _froc(args: argparse.Namespace) -> int:
+    from noduledet.data.luna16 import ANNOTATION_COLUMNS, PREDICTION_COLUMNS, Findings, read_findings, read_uid_list
+    from noduledet.metrics.froc import froc, plot_froc
+
+    ann = read_findings(args.annotations, ANNOTATION_COLUMNS)
+    exc = read_findings(args.excluded, ANNOTATION_COLUMNS) if args.excluded else Findings.empty()
+    cand = read_findings(args.candidates, PREDICTION_COLUMNS)
+    if args.scans:
+        scans = read_uid_list(args.scans)
+        note = f"{len(scans)} scans from {args.scans}"
+    else:
+        scans = cand.scans()
+        note = f"{len(scans)} scans that have candidates (pass --scans to count scans without any)"
+    r = froc(ann, exc, cand, scans, args.max_candidates, args.bootstrap, args.seed)
+    print(f"{note}; {r.nodules} nodules, {r.detected} hit by a candidate")
+    print("FP/scan      " + "  ".join(f"{x:>9}" for x in ("1/8", "1/4", "1/2", "1", "2", "4", "8")))
+    print("sensitivity  " + "  ".join(f"{s:9.4f}" for s in r.sensitivities))
+    if args.bootstrap:
+        print("95% CI       " + "  ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(r.ci_low, r.ci_high)))
+    print(f"CPM {r.cpm:.4f}" + (f" (95% CI {r.cpm_ci[0]:.4f}-{r.cpm_ci[1]:.4f})" if args.bootstrap else ""))
+    if args.plot:
+        plot_froc(r, args.plot)
+        print(f"FROC curve: {args.plot}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from noduledet.config import EvalConfig
+    from noduledet.predict import predict
+
+    cfg = EvalConfig(score_threshold=args.score_threshold, batch_size=args.batch_size)
+    summaries = predict(args.inputs, args.checkpoint, args.out, cfg, series=args.series, top=args.top,
+                        pictures=not args.no_pictures, force=args.force, device=args.device,
+                        progress=_progress("predict", "scan"), log=print)
+    if summaries is not None and summaries:
+        print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>.json, _top<k>.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
     parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
@@ -114,6 +176,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lidc-masks", action="store_true", help="sphere masks only, even for scans in the LIDC database")
     p.add_argument("--force", action="store_true", help="rebuild a cache made with other settings or data")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train a detector (torchrun for several processes)")
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.epochs=3 model.variant=ccasm")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="slice metrics (mAP, Recall, F1, Jaccard) and LUNA16 FROC/CPM of a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="LUNA16-layout folder (default: the run's)")
+    p.add_argument("--cache", type=Path, help="its prepared cache (default: the run's, if it is of that data)")
+    p.add_argument("--subset", type=int, nargs="+", help="evaluate these LUNA16 subsets")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="else this split of the run (default test)")
+    p.add_argument("--score-threshold", type=float, help="operating point for Recall/Precision/F1 (default 0.5)")
+    p.add_argument("--link-mm", type=float, help="3D merging distance in z (default 3)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--out", type=Path, required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("froc", help="LUNA16 FROC/CPM of any candidates CSV")
+    p.add_argument("--annotations", type=Path, required=True, help="annotations.csv")
+    p.add_argument("--excluded", type=Path, help="annotations_excluded.csv")
+    p.add_argument("--candidates", type=Path, required=True, help="seriesuid,coordX,coordY,coordZ,probability")
+    p.add_argument("--scans", type=Path, help="the evaluated scans, one seriesuid a line (default: those with candidates)")
+    p.add_argument("--max-candidates", type=int, default=100, help="per scan (LUNA16: 100; 0: no cap)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, help="write the FROC curve to this PNG")
+    p.set_defaults(func=_froc)
+
+    p = sub.add_parser("predict", help="nodule candidates for CT scans (mhd, DICOM, NIfTI, LUNA16 root)")
+    p.add_argument("inputs", nargs="+", type=Path, help=".mhd/.nii/.nii.gz files, DICOM folders, folders of scans, LUNA16 roots")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--series", help="SeriesInstanceUID to read from a DICOM folder holding several")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="probability counted as a finding (default 0.5)")
+    p.add_argument("--top", type=int, default=5, help="pictures of the top candidates per scan (default 5)")
+    p.add_argument("--no-pictures", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -119,15 +119,9 @@ def _prepare_scan(job) -> str:
     volume = read_ct(mhd)
     g = volume.geometry
     lungs = segment_lungs(volume)
-    sx, sy, sz = g.spacing
     z_lung = lungs.slices()
-    if len(z_lung) == 0:
-        z0, z1 = 0, g.shape[0]
-        y0, x0, y1, x1 = 0, 0, g.shape[1], g.shape[2]
-    else:
-        zm = int(np.ceil(settings.z_margin_mm / sz))
-        z0, z1 = max(0, int(z_lung[0]) - zm), min(g.shape[0], int(z_lung[-1]) + 1 + zm)
-        y0, x0, y1, x1 = lungs.box_yx(int(np.ceil(settings.margin_mm / min(sx, sy))))
+    zs, ys, xs = lungs.crop(g.spacing, settings.margin_mm, settings.z_margin_mm)
+    z0, z1, y0, y1, x0, x1 = zs.start, zs.stop, ys.start, ys.stop, xs.start, xs.stop
     crop = g.crop((z0, y0, x0), (z1 - z0, y1 - y0, x1 - x0))
     _save_npy(out_dir / f"{uid}.npy", np.ascontiguousarray(volume.hu[z0:z1, y0:y1, x0:x1]))
     nodules, masks = [], {}

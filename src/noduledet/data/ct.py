@@ -244,8 +244,11 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
 
 
 def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
-                intercept: float = -1024.0, slope: float = 1.0) -> list[Path]:
-    """Write the volume as a DICOM CT series, one file per slice, unsigned with an intercept."""
+                intercept: float = 0.0, slope: float = 1.0) -> list[Path]:
+    """Write the volume as a DICOM CT series, one file per slice.
+
+    Stored values are (HU - intercept) / slope, as signed 16 bits when they fit, else unsigned.
+    """
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -256,9 +259,10 @@ def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid()
     stored = np.rint((volume.hu.astype(np.float64) - intercept) / slope)
-    if stored.min() < 0 or stored.max() > 65535:
-        raise ValueError("HU values do not fit unsigned 16 bits with this intercept and slope")
-    stored = stored.astype(np.uint16)
+    signed = stored.min() >= -32768 and stored.max() <= 32767
+    if not signed and (stored.min() < 0 or stored.max() > 65535):
+        raise ValueError("HU values do not fit 16 bits with this intercept and slope")
+    stored = stored.astype(np.int16 if signed else np.uint16)
     paths = []
     for k in range(volume.hu.shape[0]):
         meta = FileMetaDataset()
@@ -279,7 +283,7 @@ def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in np.concatenate([d[:, 0], d[:, 1]])]
         ds.RescaleIntercept, ds.RescaleSlope = f"{intercept:g}", f"{slope:g}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
         ds.PixelData = stored[k].tobytes()
         path = folder / f"{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -45,13 +45,18 @@ class SliceDataset(Dataset):
         window_hu: HU mapped to 0 and 1.
         masks: also return instance masks (Mask R-CNN).
         augment: random flips, small rotation and scaling, intensity jitter (training).
-        slice_stride: evaluation takes every ``slice_stride``-th lung slice.
+        slices: evaluation takes "all" lung slices or only the "positive" ones, those cutting a
+            nodule (the paper's test set: "images of lung nodules").
+        slice_stride: evaluation takes every ``slice_stride``-th of those slices.
         seed: the run's seed.
     """
 
     def __init__(self, cache: SliceCache, uids: list[str], train: bool = True, patch: int = 192,
                  negatives: float = 1.0, offsets_mm=OFFSETS_MM, window_hu=WINDOW_HU, masks: bool = False,
-                 augment: bool = True, slice_stride: int = 1, min_section: float = 0.5, seed: int = 0):
+                 augment: bool = True, slices: str = "all", slice_stride: int = 1, min_section: float = 0.5,
+                 seed: int = 0):
+        if slices not in ("all", "positive"):
+            raise ValueError(f"slices={slices!r}; choose from ['all', 'positive']")
         self.cache, self.uids, self.train = cache, list(uids), train
         self.patch, self.negatives = patch, negatives
         self.offsets_mm, self.window_hu = tuple(offsets_mm), tuple(window_hu)
@@ -61,13 +66,13 @@ class SliceDataset(Dataset):
         self._geometry = {u: cache.geometry(u) for u in self.uids}
         self.positives: list[tuple[str, int]] = []
         self.negative_pool: list[tuple[str, int]] = []
-        self.slices: list[tuple[str, int]] = []
         for u in self.uids:
             g = self._geometry[u]
             for z in cache.meta(u)["lung_slices"]:
                 has = any(n.box(z, g.spacing, min_section) is not None for n in self._nodules[u])
                 (self.positives if has else self.negative_pool).append((u, z))
-            self.slices += [(u, z) for z in cache.meta(u)["lung_slices"][::slice_stride]]
+        self.slices = (self.positives if slices == "positive" else
+                       [(u, z) for u in self.uids for z in cache.meta(u)["lung_slices"]])[::slice_stride]
         self.n_negatives = int(round(negatives * len(self.positives))) if self.negative_pool else 0
         self._volumes: dict[str, np.ndarray] = {}
 

@@ -57,6 +57,16 @@ class LungMask:
                 min(self.shape[1], (int(ys[-1]) + 1) * by + margin_px),
                 min(self.shape[2], (int(xs[-1]) + 1) * bx + margin_px))
 
+    def crop(self, spacing_xyz, margin_mm: float = 10.0, z_margin_mm: float = 12.0) -> tuple[slice, slice, slice]:
+        """(z, y, x) slices of the lungs' box plus margins (the whole volume when no lung)."""
+        if self.empty:
+            return slice(0, self.shape[0]), slice(0, self.shape[1]), slice(0, self.shape[2])
+        sx, sy, sz = spacing_xyz
+        z = self.slices()
+        zm = int(np.ceil(z_margin_mm / sz))
+        y0, x0, y1, x1 = self.box_yx(int(np.ceil(margin_mm / min(sx, sy))))
+        return slice(max(0, int(z[0]) - zm), min(self.shape[0], int(z[-1]) + 1 + zm)), slice(y0, y1), slice(x0, x1)
+
     def full(self) -> np.ndarray:
         """The mask at full resolution (nearest neighbour), (z, y, x) bool."""
         m = self.coarse

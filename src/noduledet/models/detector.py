@@ -61,7 +61,7 @@ class DetectorSpec:
     rpn_post_nms_top_n_train: int = 300
     rpn_post_nms_top_n_test: int = 100
     rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 64  # RoIAlign backward dominates a CPU step: few RoIs
     box_positive_fraction: float = 0.25
     representation_size: int = 256
     box_score_thresh: float = 0.05

@@ -1,0 +1,164 @@
+"""Typed configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
+
+Unknown sections or keys are refused with their name; values are checked against the field's
+type. The resolved configuration is saved beside every run (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from noduledet.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "ccapm"  # one of noduledet.models.VARIANTS
+    preset: str = "tiny"  # tiny (CPU) | paper (GPU)
+    masks: bool = False  # Mask R-CNN head
+    options: dict = field(default_factory=dict)  # DetectorSpec overrides, e.g. {fpn_channels: 128}
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # LUNA16-layout folder (real or phantom)
+    cache: str = ""  # prepared cache (made from root when missing)
+    offsets_mm: list = field(default_factory=lambda: [-5.0, 0.0, 5.0])  # 2.5D channels
+    window_hu: list = field(default_factory=lambda: [-1000.0, 400.0])
+    patch: int = 192  # training patch, pixels
+    negatives: float = 0.5  # negative patches per positive per epoch
+    min_section: float = 0.5  # slices cutting a nodule's sphere below this fraction of its radius get no box
+    test_fraction: float = 0.25  # the paper's 3:1 train/test split by scan ...
+    val_fraction: float = 0.15  # ... and a validation share (0: validate on the test scans)
+    test_subsets: list = field(default_factory=list)  # ... or LUNA16 subsets as folds
+    val_subsets: list = field(default_factory=list)
+    split_seed: int = 0
+    eval_slice_stride: int = 1  # validation uses every n-th lung slice
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/run"  # run directory
+    epochs: int = 10
+    batch_size: int = 4
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    schedule: str = "cosine"  # cosine | step
+    milestones: list = field(default_factory=lambda: [0.7, 0.9])  # step: fractions of training
+    grad_clip: float = 10.0  # max gradient norm (0: off)
+    amp: bool = True  # mixed precision on a GPU (ignored on the CPU)
+    channels_last: bool = True  # on a GPU
+    seed: int = 0
+    workers: int = 0  # DataLoader processes
+    threads: int = 0  # torch CPU threads (0: torch's choice)
+    device: str = "auto"  # auto | cpu | cuda
+    val_every: int = 1  # epochs between validations
+    score_threshold: float = 0.5  # operating point for Recall, Precision, F1, Jaccard
+
+
+@dataclass
+class EvalConfig:
+    score_threshold: float = 0.5
+    iou_threshold: float = 0.5
+    batch_size: int = 8
+    link_mm: float = 3.0  # detections on slices this close (in z) may join one 3D candidate
+    min_score: float = 0.05  # per-slice detections kept for 3D merging
+    max_candidates: int = 100  # per scan (LUNA16's cap)
+    bootstrap: int = 1000  # FROC confidence-interval resamples
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _check_value(where: str, value, annotation):
+    """Check a value against a field's annotation (a string under postponed annotations);
+    an int is accepted where a float is expected."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(annotation)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise UserError(f"{where}: expected int, got {value!r}")
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a ``Config``; unknown sections and keys raise ``UserError`` naming them."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections {sorted(SECTIONS)}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section {name!r}; choose from {sorted(SECTIONS)}")
+        cls = SECTIONS[name]
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = values or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {name!r} must be a mapping")
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"{source}: unknown key {name}.{key}; choose from {sorted(known)}")
+            values[key] = _check_value(f"{source}: {name}.{key}", value, known[key])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``overrides``.
+
+    Args:
+        overrides: ``section.key=value`` strings; the value is parsed as YAML
+            (``train.epochs=3``, ``model.options={fpn_channels: 128}``).
+    """
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        source = str(path)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML") from None
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping")
+        raw[section][name] = parsed
+    return config_from_dict(raw, source)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+

@@ -1,0 +1,112 @@
+"""Run a trained detector over the slices of a volume.
+
+``Detector`` holds a model with the sampling it was trained with (2.5D offsets, HU window) and
+turns a (z, y, x) volume into per-slice detections, batching slices and without autograd.
+Checkpoints are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noduledet.data.slices import sample_planes, window
+from noduledet.errors import UserError
+from noduledet.geometry import Geometry
+from noduledet.merge import SliceDetections
+from noduledet.models.detector import DetectorSpec, build_from_spec
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no GPU is available")
+    return torch.device(name)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint written by ``noduledet train``, loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many kinds of errors
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
+        raise UserError(f"{path}: not a noduledet checkpoint (no model/spec)")
+    return ckpt
+
+
+class Detector:
+    """A model plus its input sampling: volume in, per-slice detections out.
+
+    Args:
+        model: a detector from ``build_detector``.
+        offsets_mm: world z offsets of the 2.5D channels the model was trained with.
+        window_hu: HU window mapped to [0, 1].
+        device: where to run.
+        batch_size: slices per forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, offsets_mm, window_hu, device: torch.device | str = "cpu",
+                 batch_size: int = 8):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.offsets_mm, self.window_hu = tuple(offsets_mm), tuple(window_hu)
+        self.batch_size = batch_size
+        self.timings = {"prepare_s": 0.0, "model_s": 0.0}  # accumulated over detect() calls
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", batch_size: int = 8) -> Detector:
+        ckpt = load_checkpoint(path)
+        model = build_from_spec(ckpt["variant"], DetectorSpec.from_dict(ckpt["spec"]))
+        model.load_state_dict(ckpt["model"])
+        data = ckpt["config"]["data"]
+        return cls(model, data["offsets_mm"], data["window_hu"], resolve_device(device), batch_size)
+
+    @property
+    def masks(self) -> bool:
+        return bool(self.model.spec.masks)
+
+    def sample(self, hu: np.ndarray, geometry: Geometry, z: int, rows: slice, cols: slice) -> torch.Tensor:
+        """The (C, H, W) input for slice ``z`` of the region ``rows`` x ``cols``."""
+        return torch.from_numpy(window(sample_planes(hu, z, self.offsets_mm, geometry, rows, cols), *self.window_hu))
+
+    @torch.inference_mode()
+    def detect(self, hu: np.ndarray, geometry: Geometry, slices, rows: slice | None = None,
+               cols: slice | None = None, progress=None) -> list[SliceDetections]:
+        """Detections on each slice in ``slices``, boxes in the volume's pixel frame.
+
+        Args:
+            hu: (Z, Y, X) HU volume (array or memory map).
+            geometry: its geometry.
+            slices: slice indices to run on.
+            rows, cols: the region of each slice to look at (default: all of it).
+            progress: optional callable wrapping the batch iterator.
+        """
+        rows = rows or slice(0, hu.shape[1])
+        cols = cols or slice(0, hu.shape[2])
+        slices = list(slices)
+        batches = [slices[i:i + self.batch_size] for i in range(0, len(slices), self.batch_size)]
+        out = []
+        for batch in progress(batches) if progress else batches:
+            t0 = time.perf_counter()
+            images = [self.sample(hu, geometry, z, rows, cols).to(self.device) for z in batch]
+            t1 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                results = self.model(images)
+            self.timings["prepare_s"] += t1 - t0
+            self.timings["model_s"] += time.perf_counter() - t1
+            for z, r in zip(batch, results):
+                boxes = r["boxes"].float().cpu().numpy()
+                boxes[:, [0, 2]] += cols.start
+                boxes[:, [1, 3]] += rows.start
+                masks = (r["masks"][:, 0] >= 0.5).cpu().numpy() if "masks" in r else None
+                out.append(SliceDetections(int(z), boxes, r["scores"].float().cpu().numpy(), masks,
+                                           (rows.start, cols.start)))
+        return out

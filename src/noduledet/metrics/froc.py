@@ -1,0 +1,148 @@
+"""Scan-level FROC and CPM with the LUNA16 rules (Setio et al., Medical Image Analysis 2017).
+
+- At most ``max_per_scan`` (100) candidates per scan are kept, the most probable.
+- A candidate hits a nodule when its distance to the nodule's centre is below the nodule's
+  radius (``diameter_mm / 2``; an excluded finding without a diameter counts as 10 mm).
+- A nodule hit by several candidates counts once, with the highest probability; the other hits
+  are neither true nor false positives.
+- A candidate that hits no nodule of the reference but an excluded finding is ignored.
+- Every other candidate is a false positive.
+- Sensitivity is read off the FROC curve (sensitivity against false positives per scan, as the
+  threshold falls through every probability) at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP per scan by
+  linear interpolation; CPM is their mean. 95% intervals come from bootstrapping scans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from noduledet.data.luna16 import Findings
+
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+EXCLUDED_DEFAULT_DIAMETER = 10.0
+
+
+@dataclass
+class ScanOutcome:
+    """Per scan: the probability of each reference nodule (-inf if missed) and of each FP."""
+
+    nodule_probs: np.ndarray
+    fp_probs: np.ndarray
+
+
+@dataclass
+class FrocResult:
+    sensitivities: np.ndarray  # at FP_RATES
+    cpm: float
+    fps: np.ndarray  # the curve: FP per scan ...
+    sens: np.ndarray  # ... and sensitivity at every threshold
+    nodules: int
+    scans: int
+    detected: int  # nodules hit by any kept candidate
+    false_positives: int  # candidates counted as FP (all thresholds)
+    ci_low: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
+    ci_high: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
+    cpm_ci: tuple[float, float] = (float("nan"), float("nan"))
+
+    def to_dict(self) -> dict:
+        return {
+            "cpm": self.cpm, "cpm_ci95": list(self.cpm_ci), "fp_rates": list(FP_RATES),
+            "sensitivities": self.sensitivities.tolist(), "ci95_low": self.ci_low.tolist(),
+            "ci95_high": self.ci_high.tolist(), "nodules": self.nodules, "scans": self.scans,
+            "detected": self.detected, "false_positives": self.false_positives,
+        }
+
+
+def scan_outcome(nodules: Findings, excluded: Findings, candidates: Findings, max_per_scan: int = 100) -> ScanOutcome:
+    """Score one scan's candidates against its nodules and excluded findings."""
+    probs = candidates.value
+    order = np.argsort(-probs, kind="stable")[: max_per_scan if max_per_scan > 0 else None]
+    xyz, probs = candidates.xyz[order], probs[order]
+
+    def hits(findings: Findings, default_diameter: float | None = None) -> np.ndarray:
+        d = findings.value.copy()
+        if default_diameter is not None:
+            d[d < 0] = default_diameter
+        dist2 = ((xyz[:, None, :] - findings.xyz[None, :, :]) ** 2).sum(-1)
+        return dist2 < (d[None, :] / 2) ** 2  # (candidates, findings)
+
+    on_nodule = hits(nodules)
+    on_excluded = hits(excluded, EXCLUDED_DEFAULT_DIAMETER)
+    nodule_probs = np.array([probs[on_nodule[:, j]].max() if on_nodule[:, j].any() else -np.inf
+                             for j in range(len(nodules))])
+    fp = ~on_nodule.any(1) & ~on_excluded.any(1)
+    return ScanOutcome(nodule_probs, probs[fp])
+
+
+def froc_curve(outcomes: list[ScanOutcome]) -> tuple[np.ndarray, np.ndarray]:
+    """FP per scan and sensitivity at every threshold (descending), starting at (0, 0)."""
+    nod = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
+    fps = np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0)
+    n_nodules, n_scans = len(nod), max(len(outcomes), 1)
+    detected = nod[np.isfinite(nod)]
+    thresholds = np.unique(np.concatenate([detected, fps]))[::-1]
+    tp_sorted, fp_sorted = np.sort(detected), np.sort(fps)
+    tp_counts = len(tp_sorted) - np.searchsorted(tp_sorted, thresholds, side="left")
+    fp_counts = len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left")
+    curve_fps = np.concatenate([[0.0], fp_counts / n_scans])
+    curve_sens = np.concatenate([[0.0], tp_counts / max(n_nodules, 1)])
+    return curve_fps, curve_sens
+
+
+def sensitivities_at(fps: np.ndarray, sens: np.ndarray, rates=FP_RATES) -> np.ndarray:
+    """Sensitivity at each FP rate by linear interpolation (the last value beyond the curve)."""
+    return np.interp(np.asarray(rates), fps, sens)
+
+
+def froc(annotations: Findings, excluded: Findings, candidates: Findings, scans: list[str],
+         max_per_scan: int = 100, bootstrap: int = 1000, seed: int = 0) -> FrocResult:
+    """LUNA16 FROC over ``scans`` (nodules and candidates of other scans are ignored).
+
+    Args:
+        bootstrap: resamples of the scans for the 95% intervals (0: none).
+    """
+    outcomes = [scan_outcome(annotations.for_scan(u), excluded.for_scan(u), candidates.for_scan(u), max_per_scan)
+                for u in scans]
+    fps, sens = froc_curve(outcomes)
+    at = sensitivities_at(fps, sens)
+    nodule_probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
+    result = FrocResult(at, float(at.mean()), fps, sens, len(nodule_probs), len(scans),
+                        int(np.isfinite(nodule_probs).sum()), int(sum(len(o.fp_probs) for o in outcomes)))
+    if bootstrap and outcomes:
+        rng = np.random.default_rng(seed)
+        samples = np.array([sensitivities_at(*froc_curve([outcomes[i] for i in rng.integers(len(outcomes), size=len(outcomes))]))
+                            for _ in range(bootstrap)])
+        result.ci_low, result.ci_high = np.percentile(samples, 2.5, axis=0), np.percentile(samples, 97.5, axis=0)
+        cpms = samples.mean(1)
+        result.cpm_ci = (float(np.percentile(cpms, 2.5)), float(np.percentile(cpms, 97.5)))
+    return result
+
+
+def plot_froc(result: FrocResult, path, title: str = "FROC") -> None:
+    """The FROC curve on a log2 FP-per-scan axis with the seven LUNA16 points and their CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    keep = result.fps > 0
+    ax.plot(result.fps[keep], result.sens[keep], color="tab:blue", lw=1.5, label=f"CPM {result.cpm:.3f}")
+    ax.errorbar(FP_RATES, result.sensitivities,
+                yerr=None if np.isnan(result.ci_low).all() else
+                [result.sensitivities - result.ci_low, result.ci_high - result.sensitivities],
+                fmt="o", color="tab:red", ms=4, capsize=3, label="1/8 ... 8 FP/scan (95% CI)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(FP_RATES[0] / 1.5, FP_RATES[-1] * 1.5)
+    ax.set_xticks(FP_RATES, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"{title} ({result.nodules} nodules, {result.scans} scans)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

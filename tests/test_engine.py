@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from noduledet import engine
+from noduledet.cli import main
+from noduledet.config import load_config
+from noduledet.errors import UserError
+
+
+def _cfg(phantom_root, phantom_cache, out, *extra):
+    return load_config(None, [
+        f"data.root={phantom_root}", f"data.cache={phantom_cache}", "data.patch=64",
+        "data.test_fraction=0.25", "data.val_fraction=0.25", f"train.out={out}", "train.epochs=2",
+        "train.batch_size=4", "train.warmup_iters=2", "train.threads=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_root, phantom_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    engine.train(_cfg(phantom_root, phantom_cache, out), progress=False)
+    return out
+
+
+def test_a_run_records_everything(trained):
+    for name in ("config.yaml", "meta.json", "splits.json", "metrics.csv", "last.pt", "best.pt"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tb").iterdir())
+    meta = json.loads((trained / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["noduledet"] and "torch" in meta
+    splits = json.loads((trained / "splits.json").read_text())
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+    rows = (trained / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val_ap50" in rows[0] and "val_recall" in rows[0]
+    ckpt = torch.load(trained / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "spec"}
+
+
+def test_existing_run_is_not_overwritten(trained, phantom_root, phantom_cache):
+    with pytest.raises(UserError, match="exists; pass --resume to continue it or --force"):
+        engine.train(_cfg(phantom_root, phantom_cache, trained), progress=False)
+
+
+def test_resume_continues_bit_for_bit(phantom_root, phantom_cache, tmp_path, monkeypatch):
+    straight = _cfg(phantom_root, phantom_cache, tmp_path / "a")
+    engine.train(straight, progress=False)
+    interrupted = _cfg(phantom_root, phantom_cache, tmp_path / "b")
+    real = engine._write_metrics_csv
+
+    def stop_after_first_epoch(path, history):
+        real(path, history)
+        if len(history) == 1:
+            raise KeyboardInterrupt  # as if Ctrl-C hit after epoch 1 was saved
+
+    monkeypatch.setattr(engine, "_write_metrics_csv", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(interrupted, progress=False)
+    monkeypatch.setattr(engine, "_write_metrics_csv", real)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    engine.train(interrupted, resume=True, progress=False)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochz: 3\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key train.epochz; choose from" in err
+    cfg.write_text("train: [1, 2\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    cfg.write_text("data: {cache: " + str(tmp_path / "nocache") + "}\n")
+    assert main(["train", str(cfg), f"train.out={tmp_path / 'r'}"]) == 2
+    assert "no prepared cache, and data.root is not set" in capsys.readouterr().err
+
+
+def test_evaluate_writes_both_metric_families(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "best.pt"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mAP (AP@0.5)" in text and "CPM" in text
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["scans_chosen"].startswith("the run's test split")
+    assert 0 <= report["froc"]["cpm"] <= 1 and len(report["froc"]["sensitivities"]) == 7
+    for name in ("metrics.md", "candidates.csv", "froc.png", "pr.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "candidates.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
+    assert main(["evaluate", "--checkpoint", str(trained / "best.pt"), "-o", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_froc_cli_by_hand(tmp_path, capsys):
+    (tmp_path / "a.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nA,0,0,0,10\nA,50,0,0,6\nB,0,0,0,8\n")
+    (tmp_path / "e.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nA,0,50,0,-1\n")
+    (tmp_path / "c.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\nA,1,1,1,0.9\nA,0,0,2,0.8\n"
+                                    "A,0,52,0,0.95\nA,100,100,100,0.7\nA,51,0,0,0.3\nB,20,20,20,0.6\nB,10,0,0,0.99\n")
+    assert main(["froc", "--annotations", str(tmp_path / "a.csv"), "--excluded", str(tmp_path / "e.csv"),
+                 "--candidates", str(tmp_path / "c.csv"), "--bootstrap", "0", "--plot", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "CPM 0.3810" in out and (tmp_path / "f.png").exists()
+    (tmp_path / "bad.csv").write_text("seriesuid,x,y,z,p\n")
+    assert main(["froc", "--annotations", str(tmp_path / "a.csv"), "--candidates", str(tmp_path / "bad.csv")]) == 2
+    assert "missing column(s) ['coordX', 'coordY', 'coordZ', 'probability']" in capsys.readouterr().err
+
+
+def test_distributed_training_with_two_cpu_processes(phantom_root, phantom_cache, tmp_path, trained):
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(f"data: {{root: {phantom_root}, cache: {phantom_cache}, patch: 64, val_fraction: 0.25}}\n"
+                   f"train: {{out: {tmp_path / 'run'}, epochs: 1, batch_size: 2, warmup_iters: 2, threads: 1}}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "noduledet.cli", "train", str(cfg)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    row = ckpt["history"][0]
+    single = json.loads(Path(tmp_path / "run" / "splits.json").read_text())
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["world_size"] == 2
+    alone = torch.load(trained / "last.pt", weights_only=True)["history"][0]
+    assert single["train"] == json.loads((trained / "splits.json").read_text())["train"]
+    assert alone["images"] <= row["images"] <= alone["images"] + 1  # each image once, split over 2 ranks
+    assert "val_ap50" in row
+    assert proc.stdout.count("run: ") == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.variant and cfg.train.out

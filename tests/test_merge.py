@@ -1,0 +1,52 @@
+import numpy as np
+
+from noduledet.geometry import Geometry, sphere_box
+from noduledet.merge import SliceDetections, merge_slices
+
+G = Geometry((0.7, 0.7, 1.25), (-100.0, 50.0, -300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (60, 200, 200))
+
+
+def _sphere(center_zyx, diameter, score=0.9):
+    dets = []
+    for z in range(60):
+        b = sphere_box(center_zyx, diameter / 2, z, G.spacing)
+        if b is not None:
+            dets.append(SliceDetections(z, np.array([b]), np.array([score])))
+    return dets
+
+
+def test_a_sphere_becomes_one_candidate_at_its_centre():
+    centre = np.array([30.0, 80.3, 120.6])
+    cands = merge_slices(_sphere(centre, 10.0), G)
+    assert len(cands) == 1
+    c = cands[0]
+    np.testing.assert_allclose(c.voxel_zyx, centre, atol=0.5)
+    np.testing.assert_allclose(c.world_xyz, G.voxel_to_world(centre), atol=0.7)
+    assert c.probability == 0.9 and abs(c.diameter_mm - 10.0) < 0.5
+
+
+def test_two_nodules_stay_apart_and_sort_by_probability():
+    dets = _sphere([20.0, 50, 50], 8, 0.6)
+    for d in _sphere([22.0, 150, 150], 12, 0.95):
+        match = next((x for x in dets if x.z == d.z), None)
+        if match:
+            match.boxes = np.vstack([match.boxes, d.boxes])
+            match.scores = np.concatenate([match.scores, d.scores])
+        else:
+            dets.append(d)
+    cands = merge_slices(sorted(dets, key=lambda d: d.z), G)
+    assert [round(c.probability, 2) for c in cands] == [0.95, 0.6]
+    np.testing.assert_allclose(cands[0].voxel_zyx[1:], [150, 150], atol=0.5)
+
+
+def test_a_vessel_in_the_chain_does_not_move_the_centre():
+    dets = _sphere([20.0, 100, 100], 8, 0.9)
+    # a thin vessel continuing upwards from the nodule, weaker
+    for z in range(int(max(d.z for d in dets)) + 1, 45):
+        dets.append(SliceDetections(z, np.array([[98.0, 98, 103, 103]]), np.array([0.5])))
+    c = merge_slices(dets, G)[0]
+    assert abs(c.voxel_zyx[0] - 20.0) < 1.0
+
+
+def test_low_scores_are_dropped():
+    assert merge_slices(_sphere([30.0, 80, 80], 10, 0.01), G, min_score=0.05) == []

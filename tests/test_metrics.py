@@ -1,0 +1,171 @@
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from noduledet.data.luna16 import Findings
+from noduledet.metrics.coco import box_iou, pr_curve, slice_metrics
+from noduledet.metrics.froc import FP_RATES, froc, froc_curve, scan_outcome
+
+
+def _p(boxes, scores):
+    return {"boxes": np.array(boxes, dtype=float).reshape(-1, 4), "scores": np.array(scores, dtype=float)}
+
+
+def _t(boxes):
+    return {"boxes": np.array(boxes, dtype=float).reshape(-1, 4)}
+
+
+def test_box_iou_by_hand():
+    assert box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10]])[0, 0] == pytest.approx(50 / 150)
+
+
+def test_perfect_predictions():
+    t = [_t([[10, 10, 20, 20]]), _t([[30, 30, 50, 40]])]
+    m = slice_metrics([_p(x["boxes"], [1.0] * len(x["boxes"])) for x in t], t)
+    assert (m["ap50"], m["ap"], m["recall"], m["precision"], m["f1"], m["jaccard"]) == (1, 1, 1, 1, 1, 1)
+
+
+def test_empty_predictions():
+    m = slice_metrics([_p([], []), _p([], [])], [_t([[0, 0, 5, 5]]), _t([])])
+    assert m["ap50"] == 0 and m["recall"] == 0 and m["f1"] == 0 and np.isnan(m["precision"])
+    assert (m["tp"], m["fp"], m["fn"]) == (0, 0, 1)
+
+
+def test_empty_ground_truth():
+    m = slice_metrics([_p([[0, 0, 5, 5]], [0.9])], [_t([])])
+    assert np.isnan(m["ap50"]) and np.isnan(m["recall"]) and m["precision"] == 0 and m["fp"] == 1
+
+
+def test_duplicates_are_false_positives():
+    m = slice_metrics([_p([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8])], [_t([[0, 0, 10, 10]])])
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 0)
+    assert m["precision"] == 0.5 and m["recall"] == 1 and m["f1"] == pytest.approx(2 / 3)
+    assert m["ap50"] == pytest.approx(1.0)  # the duplicate ranks after the hit
+
+
+def test_ap_by_hand():
+    # ranked: FP (0.95), TP (0.9), TP (0.6): precision envelope 2/3 at every recall -> AP 2/3
+    preds = [_p([[0, 0, 10, 10]], [0.9]), _p([[50, 50, 60, 60], [0, 0, 10, 10]], [0.95, 0.6])]
+    m = slice_metrics(preds, [_t([[0, 0, 10, 10]]), _t([[0, 0, 10, 10]])])
+    assert m["ap50"] == pytest.approx(2 / 3, abs=1e-9)
+    # at threshold 0.7: the FP and one TP count
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 0)
+    m = slice_metrics(preds, [_t([[0, 0, 10, 10]]), _t([[0, 0, 10, 10]])], score_threshold=0.7)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 1)
+
+
+def test_jaccard_is_mean_iou_of_matches():
+    m = slice_metrics([_p([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.9])],
+                      [_t([[0, 0, 10, 8], [20, 20, 30, 30]])])
+    assert m["jaccard"] == pytest.approx((0.8 + 1.0) / 2)
+
+
+def test_mask_jaccard():
+    pm = np.zeros((1, 8, 8), bool)
+    pm[0, :4, :4] = True
+    tm = np.zeros((1, 8, 8), bool)
+    tm[0, :4, :2] = True
+    p = {**_p([[0, 0, 4, 4]], [0.9]), "masks": pm}
+    m = slice_metrics([p], [{**_t([[0, 0, 4, 4]]), "masks": tm}])
+    assert m["jaccard_mask"] == pytest.approx(0.5)
+
+
+def test_ap_agrees_with_stock_cocoeval():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    preds, targets, anns, dets, images = [], [], [], [], []
+    for i in range(30):
+        gt = rng.uniform(0, 80, (rng.integers(0, 3), 2))
+        gt = np.concatenate([gt, gt + rng.uniform(5, 20, gt.shape)], 1)
+        pr = np.concatenate([gt + rng.normal(0, 2, gt.shape), rng.uniform(0, 90, (2, 4)).cumsum(1)[:, [0, 1, 2, 3]] % 90 + [0, 0, 5, 5]])
+        pr[:, 2:] = np.maximum(pr[:, 2:], pr[:, :2] + 1)
+        sc = rng.uniform(0, 1, len(pr))
+        preds.append(_p(pr, sc))
+        targets.append(_t(gt))
+        images.append({"id": i})
+        for b in gt:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+        for b, s in zip(pr, sc):
+            dets.append({"image_id": i, "category_id": 1, "score": s, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1}]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    m = slice_metrics(preds, targets)
+    assert m["ap"] == pytest.approx(ev.stats[0], abs=1e-9)
+    assert m["ap50"] == pytest.approx(ev.stats[1], abs=1e-9)
+
+
+def test_pr_curve_by_hand():
+    preds = [_p([[0, 0, 10, 10]], [0.9]), _p([[50, 50, 60, 60], [0, 0, 10, 10]], [0.95, 0.6])]
+    precision, recall = pr_curve(preds, [_t([[0, 0, 10, 10]]), _t([[0, 0, 10, 10]])])
+    np.testing.assert_allclose(precision, [0, 0.5, 2 / 3])
+    np.testing.assert_allclose(recall, [0, 0.5, 1])
+
+
+def _f(rows):
+    rows = list(rows)
+    return Findings(np.array([r[0] for r in rows], dtype=str), np.array([r[1:4] for r in rows], dtype=float).reshape(-1, 3),
+                    np.array([r[4] for r in rows], dtype=float))
+
+
+ANN = _f([("A", 0, 0, 0, 10), ("A", 50, 0, 0, 6), ("B", 0, 0, 0, 8)])
+EXC = _f([("A", 0, 50, 0, -1)])
+CAND = _f([("A", 1, 1, 1, 0.9), ("A", 0, 0, 2, 0.8), ("A", 0, 52, 0, 0.95), ("A", 100, 100, 100, 0.7),
+           ("A", 51, 0, 0, 0.3), ("B", 20, 20, 20, 0.6), ("B", 10, 0, 0, 0.99)])
+
+
+def test_froc_by_hand():
+    """Nodule probabilities 0.9, 0.3, missed; FPs 0.99, 0.7, 0.6 over 2 scans.
+
+    Curve: (0,0) (.5,0) (.5,1/3) (1,1/3) (1.5,1/3) (1.5,2/3): sensitivities at 1/8..8 FP/scan
+    are 0, 0, 1/3, 1/3, 2/3, 2/3, 2/3 and CPM = (2/3 + 2) / 7 = 8/21."""
+    r = froc(ANN, EXC, CAND, ["A", "B"], bootstrap=0)
+    np.testing.assert_allclose(r.sensitivities, [0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert r.cpm == pytest.approx(8 / 21)
+    assert (r.nodules, r.detected, r.false_positives, r.scans) == (3, 2, 3, 2)
+
+
+def test_excluded_hit_is_ignored_and_duplicate_counts_once():
+    o = scan_outcome(ANN.for_scan("A"), EXC.for_scan("A"), CAND.for_scan("A"))
+    np.testing.assert_allclose(o.nodule_probs, [0.9, 0.3])  # 0.8 (a second hit on nodule 1) dropped
+    np.testing.assert_allclose(o.fp_probs, [0.7])  # 0.95 on the excluded finding ignored
+
+
+def test_hundred_candidate_cap():
+    fps = [("A", 200 + i, 0, 0, 0.5 + i / 1000) for i in range(150)]
+    cand = _f(fps + [("A", 0, 0, 0, 0.1)])  # the only hit ranks 151st: cut by the cap
+    o = scan_outcome(ANN.for_scan("A"), EXC.for_scan("A"), cand)
+    assert len(o.fp_probs) == 100 and np.isneginf(o.nodule_probs).all()
+    assert np.isfinite(scan_outcome(ANN.for_scan("A"), EXC.for_scan("A"), cand, max_per_scan=0).nodule_probs[0])
+
+
+def test_scans_without_candidates_still_count():
+    r = froc(ANN, EXC, CAND.for_scan("A"), ["A", "B"], bootstrap=0)
+    assert r.nodules == 3 and r.scans == 2  # B's nodule is missed, B's scan divides the FPs
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    rows_a, rows_c = [], []
+    for s in range(20):
+        for k in range(2):
+            rows_a.append((f"s{s}", 100 * k, 0, 0, 10))
+            if rng.random() < 0.8:
+                rows_c.append((f"s{s}", 100 * k + 1, 0, 0, rng.uniform(0.3, 1)))
+        rows_c += [(f"s{s}", 500 + j * 20, 0, 0, rng.uniform(0, 0.8)) for j in range(5)]
+    r = froc(_f(rows_a), _f([]), _f(rows_c), [f"s{s}" for s in range(20)], bootstrap=200)
+    assert (r.ci_low <= r.sensitivities + 1e-9).all() and (r.sensitivities <= r.ci_high + 1e-9).all()
+    assert r.cpm_ci[0] <= r.cpm <= r.cpm_ci[1]
+
+
+def test_curve_is_monotone():
+    fps, sens = froc_curve([scan_outcome(ANN.for_scan(u), EXC.for_scan(u), CAND.for_scan(u)) for u in "AB"])
+    assert (np.diff(fps) >= 0).all() and (np.diff(sens) >= 0).all() and len(FP_RATES) == 7

@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+
+from noduledet.cli import main
+from noduledet.data.ct import read_ct, write_ct, write_dicom
+from noduledet.data.luna16 import PREDICTION_COLUMNS, Luna16, read_findings
+from noduledet.predict import expand_inputs
+from tests.conftest import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def three_formats(phantom_root, tmp_path_factory):
+    """A flipped-direction phantom scan as .mhd, as DICOM and as NIfTI."""
+    data = Luna16(phantom_root)
+    uid = next(u for u in data.uids if read_ct(data.scan_path(u)).geometry.direction[0] < 0) \
+        if any(read_ct(data.scan_path(u)).geometry.direction[0] < 0 for u in data.uids) else data.uids[0]
+    vol = read_ct(data.scan_path(uid))
+    root = tmp_path_factory.mktemp("formats")
+    write_ct(vol, root / f"{uid}.mhd")
+    write_ct(vol, root / "scan.nii.gz")
+    write_dicom(vol, root / "dicom", series_uid=uid)
+    return root, uid
+
+
+def test_same_candidates_from_mhd_dicom_and_nifti(three_formats, random_checkpoint, tmp_path, capsys):
+    root, uid = three_formats
+    out = tmp_path / "pred"
+    assert main(["predict", str(root / f"{uid}.mhd"), str(root / "dicom"), str(root / "scan.nii.gz"),
+                 "--checkpoint", str(random_checkpoint), "-o", str(out), "--top", "2"]) == 0
+    cand = read_findings(out / "candidates.csv", PREDICTION_COLUMNS)
+    names = sorted(set(cand.uids.tolist()))
+    assert names == sorted([uid, f"{uid}_2", "scan"])  # DICOM's name is its SeriesInstanceUID
+    ref = cand.for_scan(uid)
+    assert len(ref) > 0
+    for other in (f"{uid}_2", "scan"):
+        got = cand.for_scan(other)
+        np.testing.assert_allclose(got.xyz, ref.xyz, atol=1e-3)
+        np.testing.assert_allclose(got.value, ref.value, atol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 3 and all("detector_s" in s["timings"] for s in summary)
+    scan = json.loads((out / f"{uid}.json").read_text())
+    assert scan["status"].endswith("with probability >= 0.5") or "candidates" in scan["status"]
+    assert (out / f"{uid}_top1.png").stat().st_size > 1000 and (out / f"{uid}_top2.png").exists()
+
+
+def test_candidates_are_world_coordinates(three_formats, random_checkpoint, tmp_path):
+    """Candidate voxel and world coordinates agree through the scan's (flipped) geometry."""
+    root, uid = three_formats
+    out = tmp_path / "p"
+    assert main(["predict", str(root / f"{uid}.mhd"), "--checkpoint", str(random_checkpoint), "-o", str(out),
+                 "--no-pictures"]) == 0
+    g = read_ct(root / f"{uid}.mhd").geometry
+    scan = json.loads((out / f"{uid}.json").read_text())
+    assert scan["slices"] > 0 and scan["candidates"]
+    for c in scan["candidates"]:
+        np.testing.assert_allclose(g.voxel_to_world(c["voxel_zyx"]), c["world_xyz"], atol=0.01)
+
+
+def test_a_scan_without_lung_is_reported_not_an_error(random_checkpoint, tmp_path, capsys):
+    from noduledet.data.ct import CTVolume
+    from noduledet.geometry import Geometry
+
+    hu = np.full((8, 64, 64), 40, dtype=np.int16)  # all soft tissue: no lung
+    write_ct(CTVolume(hu, Geometry((1, 1, 2), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1), hu.shape)), tmp_path / "leg.mhd")
+    assert main(["predict", str(tmp_path / "leg.mhd"), "--checkpoint", str(random_checkpoint), "-o", str(tmp_path / "o")]) == 0
+    assert "no lung found" in capsys.readouterr().out
+    assert (tmp_path / "o" / "candidates.csv").read_text().strip() == "seriesuid,coordX,coordY,coordZ,probability"
+
+
+def test_bad_inputs_and_existing_output(random_checkpoint, tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nope.mhd"), "--checkpoint", str(random_checkpoint), "-o", str(tmp_path / "o")]) == 2
+    assert "nope.mhd: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "x.txt").write_text("hi")
+    assert main(["predict", str(tmp_path / "x.txt"), "--checkpoint", str(random_checkpoint), "-o", str(tmp_path / "o")]) == 2
+    assert "unknown CT format" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    assert main(["predict", str(tmp_path), "--checkpoint", str(random_checkpoint), "-o", str(tmp_path / "o")]) == 2
+    assert not list(tmp_path.glob(".o.partial"))
+
+
+def test_mask_rcnn_writes_an_aligned_nifti_mask(phantom_root, tmp_path):
+    ckpt = write_random_checkpoint(tmp_path / "m.pt", "ccapm", masks=True)
+    uid = Luna16(phantom_root).uids[0]
+    scan = Luna16(phantom_root).scan_path(uid)
+    assert main(["predict", str(scan), "--checkpoint", str(ckpt), "-o", str(tmp_path / "o"),
+                 "--score-threshold", "0.0", "--no-pictures"]) == 0
+    mask = read_ct(tmp_path / "o" / f"{uid}_mask.nii.gz")
+    vol = read_ct(scan)
+    assert mask.hu.shape == vol.hu.shape and mask.hu.max() >= 1
+    np.testing.assert_allclose(mask.geometry.voxel_to_world([[1, 2, 3]]), vol.geometry.voxel_to_world([[1, 2, 3]]), atol=1e-3)
+
+
+def test_expand_luna16_root(phantom_root):
+    scans = expand_inputs([phantom_root])
+    assert sorted(s.name for s in scans) == sorted(Luna16(phantom_root).uids)
