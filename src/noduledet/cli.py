@@ -131,6 +131,26 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from noduledet.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, scans=args.scans, epochs=args.epochs, size=args.size, force=args.force,
+             progress=_progress("demo", "item"))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from noduledet.compare import run_compare
+
+    out = args.out or Path(f"compare-table{args.table}")
+    result = run_compare(args.table, out, data=args.data, cache=args.cache, epochs=args.epochs, seeds=tuple(args.seeds),
+                         preset=args.preset, scans=args.scans, profile_size=args.size, overrides=tuple(args.overrides),
+                         variants=tuple(args.variants or ()), progress=_progress("compare", "item"))
+    print((out / f"table{args.table}.md").read_text())
+    print(f"table: {out / f'table{args.table}.md'} and .csv; figure: {result['figure']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
     parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
@@ -221,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="phantom -> train -> evaluate -> predict -> an HTML report (about 8 min on a CPU)")
+    p.add_argument("-o", "--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scans", type=int, default=32, help="phantom scans (default 32)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    p.add_argument("--size", type=int, default=256, help="phantom in-plane pixels (default 256)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("compare", help="reproduce the paper's Table 3 (attention) or 4 (backbones) under one protocol")
+    p.add_argument("--table", type=int, required=True, choices=[3, 4])
+    p.add_argument("--data", default="phantom", help="'phantom' (generated) or a LUNA16 folder")
+    p.add_argument("--cache", type=Path, help="prepared cache of --data (default OUT/cache)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs per variant (default 4, the CPU protocol)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; several give mean ± std")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    p.add_argument("--scans", type=int, default=24, help="phantom scans when --data phantom (default 24)")
+    p.add_argument("--size", type=int, default=512, help="slice size for the GFLOPs and ms columns (default 512)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="only these rows of the table")
+    p.add_argument("-o", "--out", type=Path, help="output folder (default compare-table<N>); reruns resume")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="training overrides for every variant")
+    p.set_defaults(func=_compare)
     return parser
 
 

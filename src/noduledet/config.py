@@ -29,7 +29,7 @@ class DataConfig:
     cache: str = ""  # prepared cache (made from root when missing)
     offsets_mm: list = field(default_factory=lambda: [-5.0, 0.0, 5.0])  # 2.5D channels
     window_hu: list = field(default_factory=lambda: [-1000.0, 400.0])
-    patch: int = 192  # training patch, pixels
+    patch: int = 128  # training patch, pixels
     negatives: float = 0.5  # negative patches per positive per epoch
     min_section: float = 0.5  # slices cutting a nodule's sphere below this fraction of its radius get no box
     test_fraction: float = 0.25  # the paper's 3:1 train/test split by scan ...
@@ -44,12 +44,12 @@ class DataConfig:
 class TrainConfig:
     out: str = "runs/run"  # run directory
     epochs: int = 10
-    batch_size: int = 4
+    batch_size: int = 8
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_iters: int = 100
+    warmup_iters: int = 30
     schedule: str = "cosine"  # cosine | step
     milestones: list = field(default_factory=lambda: [0.7, 0.9])  # step: fractions of training
     grad_clip: float = 10.0  # max gradient norm (0: off)

@@ -242,7 +242,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: bool
     fp16 = t.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     amp = t.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    start, best, history = 0, -1.0, []
+    start, best, history = 0, -math.inf, []
     if resume:
         ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["model"])
@@ -326,9 +326,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: bool
             row.update({f"val_{k}": m[k] for k in ("ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard")},
                        val_s=time.perf_counter() - v0)
         history.append(row)
-        improved = row.get("val_ap50", float("nan")) > best
+        score = row.get("val_ap50", float("nan"))
+        score = score if math.isfinite(score) else -math.inf  # no validation nodules: no score
+        improved = score > best or not (run / "best.pt").exists()
         if improved:
-            best = row["val_ap50"]
+            best = max(best, score)
         if rank == 0:
             ckpt = {
                 "format": CHECKPOINT_FORMAT, "noduledet": __version__, "variant": model.variant,

@@ -44,7 +44,7 @@ class SliceDataset(Dataset):
         offsets_mm: world z offsets of the channels.
         window_hu: HU mapped to 0 and 1.
         masks: also return instance masks (Mask R-CNN).
-        augment: random flips, small rotation and scaling, intensity jitter (training).
+        augment: random flips, scaling and intensity jitter (training).
         slices: evaluation takes "all" lung slices or only the "positive" ones, those cutting a
             nodule (the paper's test set: "images of lung nodules").
         slice_stride: evaluation takes every ``slice_stride``-th of those slices.
@@ -166,7 +166,8 @@ class SliceDataset(Dataset):
         transform = v2.Compose([
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.RandomApply([v2.RandomAffine(degrees=10, scale=(0.9, 1.1))], p=0.5),
+            # scaling keeps a box tight; rotation would not (a rotated box's box is larger)
+            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(0.85, 1.15))], p=0.5),
             v2.SanitizeBoundingBoxes(min_size=1.0),
         ])
         with torch.random.fork_rng(devices=[]):

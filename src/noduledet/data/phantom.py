@@ -242,20 +242,20 @@ def _fill_ellipse(hu: np.ndarray, x: np.ndarray, y: np.ndarray, cx: float, cy: f
 def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segments (start, end, radius) of one lung's vessel tree in world mm.
 
-    Four trunks leave the hilum (up, down, forward, back); every segment forks in two, each
-    child thinner and shorter and turned at random, and a child is kept only if it ends inside
-    the lung, so the tree fills the lung out to the pleura with vessels of 6 down to 0.6 mm.
+    Four trunks of 9 mm leave the hilum (up, down, forward, back); every segment forks in two,
+    each child thinner and shorter and turned at random, and a child is kept only if it ends
+    inside the lung, so the tree fills the lung out to the pleura with vessels down to 1.6 mm.
     """
     z_hilum = anatomy.z_top - anatomy.height * 0.48
     e = anatomy.lung_ellipse(side, float(anatomy.t(np.asarray(z_hilum))))
-    hilum = np.array([e[0] - side * 0.7 * e[2], e[1], z_hilum])
+    hilum = np.array([e[0] - side * 0.92 * e[2], e[1], z_hilum])  # at the mediastinal border
 
     def inside(point: np.ndarray, margin: float) -> bool:
         t = float(anatomy.t(np.asarray(point[2])))
         return 0 < t < 1 and float(anatomy.lung_depth(np.asarray(point[0]), np.asarray(point[1]), t)) > margin
 
     trunks = [(0.3 * side, 0, 1), (0.3 * side, 0, -1), (side, -0.7, 0), (side, 0.7, 0)]
-    stack = [(hilum, np.array(d, dtype=float), 5.5, 30.0, 0) for d in trunks]
+    stack = [(hilum, np.array(d, dtype=float), 4.5, 30.0, 0) for d in trunks]
     segments = []
     while stack:
         p, d, r, length, gen = stack.pop()

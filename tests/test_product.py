@@ -1,0 +1,63 @@
+import base64
+import json
+
+import pytest
+
+from noduledet.cli import main
+from noduledet.report import markdown_to_html
+
+
+def test_markdown_page_stands_alone(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure()
+    plt.plot([0, 1])
+    plt.savefig(tmp_path / "a.png")
+    plt.close()
+    page = markdown_to_html("# Title\n\n| a | b |\n|---|---:|\n| x | **1** |\n\n![A curve](a.png)\n\n- item `code`\n",
+                            tmp_path, "t")
+    assert "<h1>Title</h1>" in page and "<th>a</th>" in page and "<td><b>1</b></td>" in page
+    assert "<li>item <code>code</code></li>" in page
+    data = page.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(data) == (tmp_path / "a.png").read_bytes()
+    assert "src=\"a.png\"" not in page
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "[6/6] report" in text and f"report: {out / 'report.html'}" in text
+    md = (out / "report.md").read_text()
+    for heading in ("## Setup", "## Results on the held-out scans", "## Predictions on two held-out scans", "## Time"):
+        assert heading in md
+    assert "not clinical results" in md and "CPM" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    assert (out / "run" / "best.pt").exists() and (out / "eval" / "metrics.json").exists()
+    assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_compare_two_rows_and_resume(phantom_root, phantom_cache, tmp_path, capsys):
+    args = ["compare", "--table", "3", "--data", str(phantom_root), "--cache", str(phantom_cache), "--epochs", "1",
+            "--variants", "res", "ccapm", "--size", "64", "-o", str(tmp_path / "c"), "data.patch=64",
+            "train.batch_size=4", "data.val_fraction=0.25"]
+    assert main(args) == 0
+    md = (tmp_path / "c" / "table3.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| res ") or line.startswith("| ccapm ")]
+    assert len(rows) == 2 and "0.8421" in rows[1]  # the paper's CCAPM mAP beside ours
+    csv_text = (tmp_path / "c" / "table3.csv").read_text()
+    assert csv_text.startswith("variant,seeds,map,map_std,recall,recall_std,jaccard,jaccard_std,f1,f1_std,cpm,cpm_std")
+    assert (tmp_path / "c" / "figure5.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already trained") == 2
+
+
+def test_compare_refuses_a_variant_outside_the_table(tmp_path, capsys):
+    assert main(["compare", "--table", "4", "--variants", "res-se", "-o", str(tmp_path / "c")]) == 2
+    assert "not in Table 4" in capsys.readouterr().err
