@@ -50,3 +50,23 @@ def write_random_checkpoint(path: Path, variant: str = "res", masks: bool = Fals
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt")
+
+
+def tiny_config(phantom_root, phantom_cache, out, *extra):
+    """Two quick epochs on the test phantom."""
+    from noduledet.config import load_config
+
+    return load_config(None, [
+        f"data.root={phantom_root}", f"data.cache={phantom_cache}", "data.patch=64",
+        "data.test_fraction=0.25", "data.val_fraction=0.25", f"train.out={out}", "train.epochs=2",
+        "train.batch_size=4", "train.warmup_iters=2", "train.threads=2", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained(phantom_root, phantom_cache, tmp_path_factory) -> Path:
+    """A run directory trained for two epochs on the test phantom."""
+    from noduledet import engine
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    engine.train(tiny_config(phantom_root, phantom_cache, out), progress=False)
+    return out

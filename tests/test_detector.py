@@ -141,3 +141,19 @@ def test_paper_size_forward_512():
     with torch.no_grad():
         out = model([torch.rand(3, 512, 512)])[0]
     assert out["boxes"].shape[1] == 4
+
+
+def test_outputs_do_not_depend_on_the_first_image_seen():
+    """RoIAlign's level scales are fixed, not guessed from the first (padded) image and kept."""
+    torch.manual_seed(0)
+    a = build_detector("res", box_score_thresh=0.0).eval()
+    b = build_detector("res", box_score_thresh=0.0).eval()
+    b.load_state_dict(a.state_dict())
+    small, large = torch.rand(3, 40, 70), torch.rand(3, 256, 256)
+    with torch.no_grad():
+        a([large])
+        first_large = a([small])[0]
+        first_small = b([small])[0]
+    torch.testing.assert_close(first_large["boxes"], first_small["boxes"])
+    torch.testing.assert_close(first_large["scores"], first_small["scores"])
+    assert a.roi_heads.box_roi_pool.scales == [0.25, 0.125, 0.0625, 0.03125]

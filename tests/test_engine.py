@@ -13,18 +13,7 @@ from noduledet.config import load_config
 from noduledet.errors import UserError
 
 
-def _cfg(phantom_root, phantom_cache, out, *extra):
-    return load_config(None, [
-        f"data.root={phantom_root}", f"data.cache={phantom_cache}", "data.patch=64",
-        "data.test_fraction=0.25", "data.val_fraction=0.25", f"train.out={out}", "train.epochs=2",
-        "train.batch_size=4", "train.warmup_iters=2", "train.threads=2", *extra])
-
-
-@pytest.fixture(scope="module")
-def trained(phantom_root, phantom_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    engine.train(_cfg(phantom_root, phantom_cache, out), progress=False)
-    return out
+from tests.conftest import tiny_config as _cfg
 
 
 def test_a_run_records_everything(trained):

@@ -37,7 +37,7 @@ def test_same_candidates_from_mhd_dicom_and_nifti(three_formats, random_checkpoi
     for other in (f"{uid}_2", "scan"):
         got = cand.for_scan(other)
         np.testing.assert_allclose(got.xyz, ref.xyz, atol=1e-3)
-        np.testing.assert_allclose(got.value, ref.value, atol=1e-5)
+        np.testing.assert_allclose(got.value, ref.value, atol=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 3 and all("detector_s" in s["timings"] for s in summary)
     scan = json.loads((out / f"{uid}.json").read_text())
@@ -95,3 +95,36 @@ def test_mask_rcnn_writes_an_aligned_nifti_mask(phantom_root, tmp_path):
 def test_expand_luna16_root(phantom_root):
     scans = expand_inputs([phantom_root])
     assert sorted(s.name for s in scans) == sorted(Luna16(phantom_root).uids)
+
+
+def _torchrun(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29519", "-m", "noduledet.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_predict_and_evaluate_shard_scans_under_torchrun(phantom_root, trained, tmp_path):
+    """Two processes share the scans out and gather one CSV: the same as one process."""
+    ckpt = trained / "best.pt"
+    assert main(["predict", str(phantom_root), "--checkpoint", str(ckpt), "-o", str(tmp_path / "one"), "--no-pictures"]) == 0
+    proc = _torchrun("predict", phantom_root, "--checkpoint", ckpt, "-o", tmp_path / "two", "--no-pictures")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = read_findings(tmp_path / "one" / "candidates.csv", PREDICTION_COLUMNS)
+    two = read_findings(tmp_path / "two" / "candidates.csv", PREDICTION_COLUMNS)
+    order_one, order_two = np.lexsort((one.value, one.uids)), np.lexsort((two.value, two.uids))
+    assert sorted(one.scans()) == sorted(two.scans()) == sorted(Luna16(phantom_root).uids)
+    np.testing.assert_allclose(one.xyz[order_one], two.xyz[order_two], atol=1e-3)
+    assert len(json.loads((tmp_path / "two" / "summary.json").read_text())) == 4
+
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "all", "-o", str(tmp_path / "e1")]) == 0
+    proc = _torchrun("evaluate", "--checkpoint", ckpt, "--split", "all", "-o", tmp_path / "e2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert a["slices"] == b["slices"] and a["froc"]["cpm"] == pytest.approx(b["froc"]["cpm"])
+    assert a["slice_metrics_all_lung_slices"]["ap50"] == pytest.approx(b["slice_metrics_all_lung_slices"]["ap50"], abs=1e-6)

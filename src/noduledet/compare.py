@@ -45,13 +45,13 @@ def _run_complete(run: Path, epochs: int) -> bool:
 
 
 def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str | Path | None = None,
-                epochs: int = 4, seeds: tuple[int, ...] = (0,), preset: str = "tiny", scans: int = 24,
+                epochs: int = 8, seeds: tuple[int, ...] = (0,), preset: str = "tiny", scans: int = 32,
                 profile_size: int = 512, overrides: tuple[str, ...] = (), variants: tuple[str, ...] = (),
                 log=print, progress=None) -> dict:
     """Train and evaluate every variant of ``table`` (or only ``variants``); write
     ``table<N>.md/.csv`` and the figure."""
     from noduledet import engine
-    from noduledet.data.cache import CacheSettings, prepare
+    from noduledet.data.cache import CacheSettings, cache_ready, prepare
     from noduledet.data.phantom import write_dataset
     from noduledet.evaluate import evaluate
     from noduledet.models.profile import profile_variant
@@ -75,7 +75,7 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
         root = Path(data)
         source = f"{root}"
     cache = Path(cache or out / "cache")
-    if not (cache / "manifest.json").exists() or not json.loads((cache / "manifest.json").read_text()).get("complete"):
+    if not cache_ready(cache):
         prepare(root, cache, CacheSettings(), workers=2, progress=progress)
     results: dict[str, list[dict]] = {}
     curves: dict[str, list[list[dict]]] = {}

@@ -67,7 +67,8 @@ class TrainConfig:
 class EvalConfig:
     score_threshold: float = 0.5
     iou_threshold: float = 0.5
-    batch_size: int = 8
+    batch_size: int = 4  # slices per forward pass
+    engine: str = "torch"  # torch | onnx (the convolutions on ONNX Runtime, CPU)
     link_mm: float = 3.0  # detections on slices this close (in z) may join one 3D candidate
     min_score: float = 0.05  # per-slice detections kept for 3D merging
     max_candidates: int = 100  # per scan (LUNA16's cap)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from noduledet import __version__
 from noduledet.config import Config, save_config
-from noduledet.data.cache import CacheSettings, SliceCache, prepare
+from noduledet.data.cache import CacheSettings, SliceCache, cache_ready, prepare
 from noduledet.data.dataset import SliceDataset, collate
 from noduledet.data.splits import split_scans
 from noduledet.errors import UserError
@@ -77,7 +77,7 @@ def open_cache(cfg: Config, rank: int = 0) -> SliceCache:
     if not cfg.data.cache:
         raise UserError("data.cache is not set (the folder of `noduledet prepare`)")
     cache = Path(cfg.data.cache)
-    if not (cache / "manifest.json").exists() or not json.loads((cache / "manifest.json").read_text()).get("complete"):
+    if not cache_ready(cache):
         if not cfg.data.root:
             raise UserError(f"{cache}: no prepared cache, and data.root is not set to prepare one")
         if rank == 0:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from noduledet.config import Config, config_from_dict
-from noduledet.data.cache import CacheSettings, SliceCache, prepare
+from noduledet.data.cache import CacheSettings, SliceCache, cache_ready, prepare
 from noduledet.data.luna16 import Findings, Luna16, write_findings
 from noduledet.data.slices import slice_targets
 from noduledet.errors import UserError
@@ -26,6 +27,7 @@ from noduledet.inference import Detector, load_checkpoint
 from noduledet.merge import Candidate, merge_slices
 from noduledet.metrics.coco import pr_curve, slice_metrics
 from noduledet.metrics.froc import FP_RATES, FrocResult, froc, plot_froc
+from noduledet.staging import staged_dir, staging_path
 
 
 def choose_scans(cache: SliceCache, checkpoint: Path, subsets: list[int] | None, split: str | None) -> tuple[list[str], str]:
@@ -70,9 +72,9 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
             "train" or "all").
         overrides: ``EvalConfig`` fields (score_threshold, iou_threshold, link_mm, ...).
     """
+    from noduledet import engine
+
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out}: exists; pass --force to replace it")
     ckpt = load_checkpoint(checkpoint)
     cfg: Config = config_from_dict(ckpt["config"], f"{checkpoint} (its config)")
     for k, v in (overrides or {}).items():
@@ -84,33 +86,45 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
     if not str(data_root):
         raise UserError("no data: pass --data (the run's config names none)")
     luna = Luna16(data_root)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cache_dir = Path(cache or cfg.data.cache or tmp / "cache")
-    manifest = cache_dir / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("data_root") != str(data_root.resolve()):
-        cache_dir = tmp / "cache"  # the run's cache belongs to other data
-    if not (cache_dir / "manifest.json").is_file() or not json.loads((cache_dir / "manifest.json").read_text()).get("complete"):
-        prepare(data_root, cache_dir, CacheSettings(), progress=progress)
-    sc = SliceCache(cache_dir)
-    uids, chosen = choose_scans(sc, checkpoint, subsets, split)
-    if not uids:
-        raise UserError(f"no scans to evaluate ({chosen})")
-    detector = Detector.from_checkpoint(checkpoint, device, e.batch_size)
-    t0 = time.perf_counter()
-    dets = detect_scans(detector, sc, uids, progress)
-    seconds = time.perf_counter() - t0
-    n_slices = sum(len(d) for d in dets.values())
+    detector = Detector.from_checkpoint(checkpoint, device, e.batch_size, e.engine)
+    engine.init_distributed(detector.device)
+    rank, world = engine.dist_info()
+    with staged_dir(out, force) if rank == 0 else nullcontext(staging_path(out)) as tmp:
+        cache_dir = Path(cache or cfg.data.cache or tmp / "cache")
+        manifest = cache_dir / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("data_root") != str(data_root.resolve()):
+            cache_dir = tmp / "cache"  # the run's cache belongs to other data
+        if rank == 0 and not cache_ready(cache_dir):
+            prepare(data_root, cache_dir, CacheSettings(), progress=progress)
+        if world > 1:
+            engine.dist.barrier()
+        sc = SliceCache(cache_dir)
+        uids, chosen = choose_scans(sc, checkpoint, subsets, split)
+        if not uids:
+            raise UserError(f"no scans to evaluate ({chosen})")
+        t0 = time.perf_counter()
+        parts = engine.gather(detect_scans(detector, sc, uids[rank::world], progress if rank == 0 else None))
+        seconds = time.perf_counter() - t0
+        if rank != 0:
+            return {}
+        dets = {u: d for part in parts for u, d in part.items()}
+        report = _report(tmp, checkpoint, ckpt, cfg, luna, sc, uids, chosen, dets, seconds, detector.masks)
+        shutil.rmtree(tmp / "cache", ignore_errors=True)  # a cache made just for this evaluation
+    return report
 
-    # slice level
+
+def _report(tmp: Path, checkpoint: Path, ckpt: dict, cfg: Config, luna: Luna16, sc: SliceCache, uids: list[str],
+            chosen: str, dets: dict, seconds: float, masks: bool) -> dict:
+    """Both metric families from the detections; the report files written into ``tmp``."""
+    e = cfg.eval
+    n_slices = sum(len(d) for d in dets.values())
     preds, targets, positive = [], [], []
     for uid in uids:
         g, vol = sc.geometry(uid), sc.volume(uid)
         rows, cols = slice(0, vol.shape[1]), slice(0, vol.shape[2])
         nodules = sc.nodules(uid)
         for d in dets[uid]:
-            t = slice_targets(nodules, d.z, g.spacing, rows, cols, masks=detector.masks, min_section=cfg.data.min_section)
+            t = slice_targets(nodules, d.z, g.spacing, rows, cols, masks=masks, min_section=cfg.data.min_section)
             p = {"boxes": d.boxes, "scores": d.scores}
             if d.masks is not None:
                 p["masks"] = d.masks
@@ -120,15 +134,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
     pos = [i for i, ok in enumerate(positive) if ok]
     on_nodules = slice_metrics([preds[i] for i in pos], [targets[i] for i in pos], e.score_threshold, e.iou_threshold)
     on_lungs = slice_metrics(preds, targets, e.score_threshold, e.iou_threshold)
-
-    # scan level
     candidates = {u: merge_slices(dets[u], sc.geometry(u), e.link_mm, e.min_score) for u in uids}
     table = candidates_table(candidates, e.max_candidates)
     result = froc(luna.annotations(), luna.excluded(), table, uids, e.max_candidates, e.bootstrap)
-
     report = {
         "checkpoint": str(checkpoint), "variant": ckpt["variant"], "epoch": ckpt.get("epoch"),
-        "data": str(data_root), "scans": len(uids), "scans_chosen": chosen,
+        "data": str(luna.root), "scans": len(uids), "scans_chosen": chosen,
         "slices": n_slices, "seconds": seconds, "ms_per_slice": 1000 * seconds / max(n_slices, 1),
         "slice_metrics_nodule_slices": on_nodules, "slice_metrics_all_lung_slices": on_lungs,
         "froc": result.to_dict(), "eval": cfg.eval.__dict__,
@@ -139,10 +150,6 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
     plot_froc(result, tmp / "froc.png", f"FROC: {ckpt['variant']}")
     plot_pr([preds[i] for i in pos], [targets[i] for i in pos], tmp / "pr.png", e.iou_threshold,
             f"PR on nodule slices: {ckpt['variant']}")
-    shutil.rmtree(tmp / "cache", ignore_errors=True)  # a cache made just for this evaluation
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return report
 
 

@@ -18,8 +18,8 @@ Under ``torchrun`` the scans are shared out among the processes and rank 0 gathe
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from noduledet.data.lung import segment_lungs
 from noduledet.errors import UserError
 from noduledet.inference import Detector
 from noduledet.merge import Candidate, merge_slices
+from noduledet.staging import staged_dir, staging_path
 
 LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600: how radiologists read lung nodules
 
@@ -89,8 +90,11 @@ def _stem(path: Path) -> str:
 
 
 def predict_scan(detector: Detector, scan: ScanInput, out: Path, cfg: EvalConfig, series: str | None = None,
-                 top: int = 5, pictures: bool = True) -> tuple[dict, list[Candidate]]:
-    """Run one scan; write its JSON, pictures and mask into ``out``; return summary and candidates."""
+                 top: int = 5, pictures: bool = True, crop: bool = True) -> tuple[dict, list[Candidate]]:
+    """Run one scan; write its JSON, pictures and mask into ``out``; return summary and candidates.
+
+    ``crop=False`` runs the detector on every whole slice (the slow path the benchmarks compare).
+    """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     volume = read_ct(scan.path, series)
@@ -107,6 +111,8 @@ def predict_scan(detector: Detector, scan: ScanInput, out: Path, cfg: EvalConfig
     else:
         zs, ys, xs = lungs.crop(volume.geometry.spacing)
         slices = lungs.slices()
+        if not crop:
+            ys, xs, slices = slice(0, volume.hu.shape[1]), slice(0, volume.hu.shape[2]), range(volume.hu.shape[0])
         before = dict(detector.timings)
         t = time.perf_counter()
         detections = detector.detect(volume.hu, volume.geometry, slices, ys, xs)
@@ -188,34 +194,26 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, c
     cfg = cfg or EvalConfig()
     out = Path(out)
     scans = expand_inputs(inputs)
-    detector = Detector.from_checkpoint(checkpoint, device, cfg.batch_size)
+    detector = Detector.from_checkpoint(checkpoint, device, cfg.batch_size, cfg.engine)
     engine.init_distributed(detector.device)
     rank, world = engine.dist_info()
-    tmp = out.with_name(f".{out.name}.partial")
-    if rank == 0:
-        if out.exists() and not force:
-            raise UserError(f"{out}: exists; pass --force to replace it")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    with staged_dir(out, force) if rank == 0 else nullcontext(staging_path(out)) as tmp:
+        if world > 1:
+            engine.dist.barrier()  # rank 0 has made the folder
+        mine = scans[rank::world]
+        results = []
+        for scan in progress(mine) if (progress and rank == 0) else mine:
+            summary, cands = predict_scan(detector, scan, tmp, cfg, series, top, pictures)
+            results.append((summary, [(c.world_xyz.tolist(), c.probability) for c in cands]))
+            if rank == 0 and log:
+                log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
+        gathered = [r for part in engine.gather(results) for r in part]
+        if rank == 0:
+            rows = [(s["name"], xyz, p) for s, cands in gathered for xyz, p in cands]
+            write_findings(tmp / "candidates.csv", Findings(
+                np.array([r[0] for r in rows], dtype=str), np.array([r[1] for r in rows], dtype=float).reshape(-1, 3),
+                np.array([r[2] for r in rows], dtype=float)), "probability")
+            (tmp / "summary.json").write_text(json.dumps([s for s, _ in gathered], indent=1))
     if world > 1:
-        engine.dist.barrier()
-    mine = scans[rank::world]
-    results = []
-    for scan in progress(mine) if (progress and rank == 0) else mine:
-        summary, cands = predict_scan(detector, scan, tmp, cfg, series, top, pictures)
-        results.append((summary, [(c.world_xyz.tolist(), c.probability) for c in cands]))
-        if rank == 0 and log:
-            log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
-    gathered = [r for part in engine.gather(results) for r in part]
-    if rank == 0:
-        rows = [(s["name"], xyz, p) for s, cands in gathered for xyz, p in cands]
-        write_findings(tmp / "candidates.csv", Findings(
-            np.array([r[0] for r in rows], dtype=str), np.array([r[1] for r in rows], dtype=float).reshape(-1, 3),
-            np.array([r[2] for r in rows], dtype=float)), "probability")
-        (tmp / "summary.json").write_text(json.dumps([s for s, _ in gathered], indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    if world > 1:
-        engine.dist.barrier()
-    return [s for s, _ in gathered]
+        engine.dist.barrier()  # rank 0 has renamed the folder
+    return [s for s, _ in gathered] if rank == 0 else []

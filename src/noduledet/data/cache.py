@@ -202,6 +202,12 @@ def prepare(data_root: str | Path, cache_dir: str | Path, settings: CacheSetting
     return manifest
 
 
+def cache_ready(cache_dir: str | Path) -> bool:
+    """True when ``cache_dir`` holds a complete prepared cache."""
+    manifest = Path(cache_dir) / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
+
+
 class SliceCache:
     """Read side of a prepared cache."""
 

@@ -109,9 +109,9 @@ def read_findings(path: str | Path, columns: tuple[str, ...] = ANNOTATION_COLUMN
 
 def write_findings(path: str | Path, findings: Findings, value_column: str = "diameter_mm",
                    precision: int = 4) -> None:
-    """Write ``seriesuid,coordX,coordY,coordZ,<value_column>`` (and extras) to ``path``.
-
-    A NaN coordinate (unknown) is written as an empty cell."""
+    """Write ``seriesuid,coordX,coordY,coordZ,<value_column>`` (and extras) to ``path``:
+    coordinates with ``precision`` decimals, the value with 6 significant digits; a NaN
+    coordinate (unknown) as an empty cell."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extras = list(findings.extra)
@@ -120,7 +120,7 @@ def write_findings(path: str | Path, findings: Findings, value_column: str = "di
         w.writerow(["seriesuid", "coordX", "coordY", "coordZ", value_column, *extras])
         for i in range(len(findings)):
             w.writerow([findings.uids[i], *("" if np.isnan(v) else f"{v:.{precision}f}" for v in findings.xyz[i]),
-                        f"{findings.value[i]:.{precision}g}", *(findings.extra[k][i] for k in extras)])
+                        f"{findings.value[i]:.6g}", *(findings.extra[k][i] for k in extras)])
 
 
 def _is_number(s) -> bool:

@@ -20,7 +20,6 @@ would perform on patients.
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +32,7 @@ from noduledet.data.ct import CTVolume, write_ct
 from noduledet.data.luna16 import Findings, write_findings
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
+from noduledet.staging import staged_dir
 
 PHANTOM_VERSION = 1
 UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root; the rest is the seed and the scan number
@@ -360,8 +360,9 @@ def _place(anatomy: Anatomy, rng: np.random.Generator, radius: float, juxtapleur
 
 def make_scan(seed: int, index: int, size: int = 512, shapes: tuple[Shape, ...] = (),
               nodules: tuple[int, int] = (0, 4), diameters: tuple[float, float] = (3.0, 30.0),
-              flip_fraction: float = 0.15) -> PhantomScan:
-    """Generate scan ``index`` of the dataset with ``seed`` (deterministic in both)."""
+              flip_fraction: float = 0.15, slices: int | None = None) -> PhantomScan:
+    """Generate scan ``index`` of the dataset with ``seed`` (deterministic in both); ``slices``
+    fixes the slice count (the slice spacing follows)."""
     rng = np.random.default_rng([seed, index])
     uid = f"{UID_ROOT}.{seed}.{index + 1}"
     spacing_xy = rng.uniform(0.62, 0.80) * 512 / size
@@ -371,6 +372,8 @@ def make_scan(seed: int, index: int, size: int = 512, shapes: tuple[Shape, ...] 
     z_top = rng.uniform(-120, 20)
     anatomy = Anatomy(rng, z_top, height)
     z_lo, z_hi = z_top - height - rng.uniform(15, 30), z_top + rng.uniform(15, 35)
+    if slices:
+        spacing_z = (z_hi - z_lo) / (slices - 1)
     nz = int(round((z_hi - z_lo) / spacing_z)) + 1
     flipped = rng.random() < flip_fraction
     centre_x, centre_y = anatomy.cx + rng.uniform(-8, 8), anatomy.cy + 18 + rng.uniform(-8, 8)
@@ -511,38 +514,28 @@ def write_dataset(out: Path, scans: int, seed: int = 0, size: int = 512, workers
         raise UserError(f"--scans must be at least 1, got {scans}")
     if size < 32:
         raise UserError(f"--size must be at least 32 pixels, got {size}")
-    if out.exists() and not force:
-        raise UserError(f"{out}: exists; pass --force to replace it")
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shapes = shape_library()
-    n_subsets = min(10, scans)
-    jobs = [(tmp, seed, i, size, shapes, nodules, diameters, i % n_subsets) for i in range(scans)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(_progress(pool.map(_write_scan, jobs), progress, scans))
-    else:
-        results = [_write_scan(j) for j in _progress(jobs, progress, scans)]
-    uids = [r["uid"] for r in results]
-    annotations = [(r["uid"], n) for r in results for n in r["nodules"]]
-    excluded = [(r["uid"], e) for r in results for e in r["excluded"]]
-    write_findings(tmp / "annotations.csv", Findings(
-        np.array([u for u, _ in annotations], dtype=str), np.array([n["xyz"] for _, n in annotations]).reshape(-1, 3),
-        np.array([n["diameter_mm"] for _, n in annotations])))
-    write_findings(tmp / "annotations_excluded.csv", Findings(
-        np.array([u for u, _ in excluded], dtype=str), np.array([e["xyz"] for _, e in excluded]).reshape(-1, 3),
-        np.array([e["diameter_mm"] for _, e in excluded])))
-    (tmp / "seriesuids.csv").write_text("".join(u + "\n" for u in uids))
-    summary = {"phantom_version": PHANTOM_VERSION, "seed": seed, "size": size, "scans": results,
-               "nodules_per_scan": list(nodules), "diameters_mm": list(diameters),
-               "note": "generated phantom scans, not patient data"}
-    (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
-    if preview:
-        write_preview(tmp, tmp / "preview.png")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_dir(out, force) as tmp:
+        shapes = shape_library()
+        n_subsets = min(10, scans)
+        jobs = [(tmp, seed, i, size, shapes, nodules, diameters, i % n_subsets) for i in range(scans)]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(_progress(pool.map(_write_scan, jobs), progress, scans))
+        else:
+            results = [_write_scan(j) for j in _progress(jobs, progress, scans)]
+        annotations = [(r["uid"], n) for r in results for n in r["nodules"]]
+        excluded = [(r["uid"], e) for r in results for e in r["excluded"]]
+        for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded)):
+            write_findings(tmp / name, Findings(np.array([u for u, _ in rows], dtype=str),
+                                                np.array([r["xyz"] for _, r in rows]).reshape(-1, 3),
+                                                np.array([r["diameter_mm"] for _, r in rows])))
+        (tmp / "seriesuids.csv").write_text("".join(r["uid"] + "\n" for r in results))
+        summary = {"phantom_version": PHANTOM_VERSION, "seed": seed, "size": size, "scans": results,
+                   "nodules_per_scan": list(nodules), "diameters_mm": list(diameters),
+                   "note": "generated phantom scans, not patient data"}
+        (tmp / "phantom.json").write_text(json.dumps(summary, indent=1))
+        if preview:
+            write_preview(tmp, tmp / "preview.png")
     return summary
 
 

@@ -31,6 +31,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from noduledet.models.attention import SpatialChannel
@@ -261,13 +262,25 @@ def build_detector(variant: str, preset: str = "tiny", **options) -> FasterRCNN:
     return build_from_spec(variant, spec)
 
 
+def _roi_align(output_size: int) -> MultiScaleRoIAlign:
+    """RoIAlign over P2..P5 with the levels' scales set (1/4 .. 1/32), not inferred.
+
+    torchvision infers them on the first call from the feature and image sizes and keeps them;
+    for slices of a few dozen pixels, padded to a multiple of 32, that guess is off by a level,
+    and every later call inherits it.
+    """
+    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, 2)
+    pool.scales = [2.0**-k for k in range(2, 6)]
+    pool.map_levels = initLevelMapper(2, 5, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+    return pool
+
+
 def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     """Build ``variant`` with every setting taken from ``spec``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     body, return_layers, channels = VARIANTS[variant](spec)
     backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool())
-    levels = ["0", "1", "2", "3"]
     anchors = AnchorGenerator(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes))
     rpn_head = RPNHead(spec.fpn_channels, anchors.num_anchors_per_location()[0])
     box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
@@ -280,7 +293,7 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
         rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
-        box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), box_head=box_head,
+        box_roi_pool=_roi_align(7), box_head=box_head,
         box_predictor=FastRCNNPredictor(spec.representation_size, spec.num_classes),
         box_score_thresh=spec.box_score_thresh, box_nms_thresh=spec.box_nms_thresh,
         box_detections_per_img=spec.box_detections_per_img,
@@ -290,7 +303,7 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     if spec.masks:
         model = MaskRCNN(
             backbone, **common,
-            mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+            mask_roi_pool=_roi_align(14),
             mask_head=MaskRCNNHeads(spec.fpn_channels, spec.mask_layers, 1),
             mask_predictor=MaskRCNNPredictor(spec.mask_layers[-1], spec.mask_layers[-1], spec.num_classes),
         )
