@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,16 @@ def test_a_run_records_everything(trained):
 def test_existing_run_is_not_overwritten(trained, phantom_root, phantom_cache):
     with pytest.raises(UserError, match="exists; pass --resume to continue it or --force"):
         engine.train(_cfg(phantom_root, phantom_cache, trained), progress=False)
+
+
+def test_force_starts_the_run_afresh(trained, phantom_root, phantom_cache, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "tb" / "events.out.tfevents.stale").write_text("old curves")
+    engine.train(_cfg(phantom_root, phantom_cache, run, "train.epochs=1"), force=True, progress=False)
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + the new run's one epoch
+    assert not (run / "tb" / "events.out.tfevents.stale").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resume_continues_bit_for_bit(phantom_root, phantom_cache, tmp_path, monkeypatch):

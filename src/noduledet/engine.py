@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -257,6 +258,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: bool
         run.mkdir(parents=True, exist_ok=True)
         for stale in ("last.pt", "best.pt", "metrics.csv"):
             (run / stale).unlink(missing_ok=True)
+        shutil.rmtree(run / "tb", ignore_errors=True)  # a forced restart must not mix curves
         save_config(cfg, run / "config.yaml")
         _write_json(run / "splits.json", splits)
         _write_json(run / "meta.json", {
