@@ -33,6 +33,16 @@ def reduced_width(channels: int, reduction: int = 16, minimum: int = 8) -> int:
     return max(minimum, channels // reduction)
 
 
+def channel_mlp(channels: int, reduction: int = 16) -> nn.Sequential:
+    """The channel MLP of SE and CBAM: 1x1 conv C -> ``reduced_width(C)`` -> C, ReLU between, no bias."""
+    hidden = reduced_width(channels, reduction)
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, channels, 1, bias=False),
+    )
+
+
 def coord_width(channels: int) -> int:
     """Width m of the coordinate embedding (Hou et al. 2021): max(8, C // 32)."""
     return max(8, channels // 32)
@@ -53,12 +63,7 @@ class ChannelGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = reduced_width(channels, reduction)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
-        )
+        self.mlp = channel_mlp(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -83,12 +88,7 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = reduced_width(channels, reduction)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
-        )
+        self.mlp = channel_mlp(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.mlp(x.mean(dim=(2, 3), keepdim=True)))
