@@ -2,8 +2,10 @@ import base64
 import json
 
 import pytest
+import torch
 
 from noduledet.cli import main
+from noduledet.models.detector import build_detector, same_network
 from noduledet.report import markdown_to_html
 
 
@@ -56,6 +58,27 @@ def test_compare_two_rows_and_resume(phantom_root, phantom_cache, tmp_path, caps
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("already trained") == 2
+    # Table 4's resnet18 is Table 3's res at the tiny preset: its row reuses that run
+    table4 = ["compare", "--table", "4", *args[3:]]
+    table4[table4.index("res")] = "resnet18"
+    table4.remove("ccapm")
+    assert main(table4) == 0
+    assert "res seed 0: already trained" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "c" / "runs").iterdir()) == ["ccapm-s0", "res-s0"]
+    md4 = (tmp_path / "c" / "table4.md").read_text()
+    assert "`resnet18` is the same network as Table 3's `res`" in md4
+    row3, row4 = (next(x for x in text.splitlines() if x.startswith(f"| {v} ")) for text, v in ((md, "res"), (md4, "resnet18")))
+    assert row3.split("|")[2:7] == row4.split("|")[2:7]  # the same metrics
+
+
+def test_same_network_follows_the_preset():
+    assert same_network("resnet18", "tiny") == "res" and same_network("resnet50", "tiny") == "resnet50"
+    assert same_network("resnet50", "paper") == "res" and same_network("ccapm", "paper") == "ccapm"
+    torch.manual_seed(0)
+    a = build_detector("resnet18").state_dict()
+    torch.manual_seed(0)
+    b = build_detector("res").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_compare_refuses_a_variant_outside_the_table(tmp_path, capsys):

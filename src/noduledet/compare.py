@@ -20,7 +20,7 @@ import numpy as np
 
 from noduledet.config import load_config
 from noduledet.errors import UserError
-from noduledet.models.detector import TABLES
+from noduledet.models.detector import TABLES, same_network
 
 # As printed in Zhao, Zhao & Ahn 2024 (LUNA16; Jaccard and F1 in percent there, fractions here).
 PAPER = {
@@ -81,14 +81,17 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     curves: dict[str, list[list[dict]]] = {}
     for seed in seeds:
         for variant in rows_of:
-            run = out / "runs" / f"{variant}-s{seed}"
-            cfg = load_config(None, [f"data.root={root}", f"data.cache={cache}", f"model.variant={variant}",
+            network = same_network(variant, preset)  # train a network shared by two rows once
+            run = out / "runs" / f"{network}-s{seed}"
+            cfg = load_config(None, [f"data.root={root}", f"data.cache={cache}", f"model.variant={network}",
                                      f"model.preset={preset}", f"train.out={run}", f"train.epochs={epochs}",
                                      f"train.seed={seed}", "data.split_seed=0", *overrides])
+            if network != variant:
+                log(f"{variant} seed {seed}: the same network as {network} at preset {preset}; using its run")
             if _run_complete(run, epochs):
-                log(f"{variant} seed {seed}: already trained")
+                log(f"{network} seed {seed}: already trained")
             else:
-                log(f"{variant} seed {seed}: training {epochs} epochs")
+                log(f"{network} seed {seed}: training {epochs} epochs")
                 engine.train(cfg, resume=(run / "last.pt").is_file(), force=True, progress=progress is not None)
             report_dir = run / "eval"
             if (report_dir / "metrics.json").is_file():
@@ -117,7 +120,8 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     mean_curves = {v: _mean_curve(c) for v, c in curves.items()}
     plot_curves(mean_curves, [("val_ap50", "validation mAP"), ("val_recall", "validation recall")], figure,
                 f"Figure {FIGURE[table]}: mAP and Recall over epochs ({source})")
-    _write_table(out / f"table{table}", table, rows, source, epochs, seeds, preset, profile_size, figure.name)
+    shared = {v: same_network(v, preset) for v in rows_of if same_network(v, preset) != v}
+    _write_table(out / f"table{table}", table, rows, source, epochs, seeds, preset, profile_size, figure.name, shared)
     return {"rows": rows, "figure": str(figure)}
 
 
@@ -132,7 +136,7 @@ def _mean_curve(runs: list[list[dict]]) -> list[dict]:
 
 
 def _write_table(stem: Path, table: int, rows: list[dict], source: str, epochs: int, seeds, preset: str,
-                 profile_size: int, figure: str) -> None:
+                 profile_size: int, figure: str, shared: dict[str, str]) -> None:
     keys = ["variant", "seeds"] + [x for k, _ in METRICS for x in (k, f"{k}_std")] + \
            ["params_m", "gflops", "ms"] + [f"paper_{k}" for k, _ in METRICS[:4]]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -159,5 +163,7 @@ def _write_table(stem: Path, table: int, rows: list[dict], source: str, epochs: 
                      + " | ".join(f"{r[f'paper_{k}']:.4f}" for k, _ in METRICS[:4]) + " |")
     lines += ["", "The paper's columns are as printed (LUNA16, its own protocol; Jaccard and F1 converted from "
                   "percent). Numbers measured on the phantom are not comparable with them.", "",
+              *[f"`{v}` is the same network as Table 3's `{n}` at preset `{preset}` (whose carrier is that ResNet): "
+                f"its row is that run." for v, n in shared.items()], *([""] if shared else []),
               f"![Figure {FIGURE[table]}]({figure})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -232,6 +232,16 @@ TABLES: dict[int, tuple[str, ...]] = {
 }
 
 
+def same_network(variant: str, preset: str = "tiny") -> str:
+    """The Table 3 variant that builds exactly ``variant``'s network at ``preset``, else ``variant``.
+
+    Table 3's carrier is a plain ResNet of the preset's depth, so Table 4's ``resnet18`` is
+    ``res`` at the tiny preset and ``resnet50`` is ``res`` at the paper preset.
+    """
+    depth = {"resnet18": 18, "resnet50": 50}.get(variant)
+    return "res" if depth == resolve_spec(preset).depth else variant
+
+
 def resolve_spec(preset: str = "tiny", **options) -> DetectorSpec:
     """The preset's ``DetectorSpec`` with ``options`` replacing its fields."""
     if preset not in PRESETS:
