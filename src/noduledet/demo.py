@@ -2,7 +2,7 @@
 
 phantom dataset -> cache -> train the CPU model -> evaluate (slice metrics and FROC/CPM on the
 held-out scans) -> predict on two held-out scans -> ``report.html`` (self-contained) and
-``report.md`` with the pictures. About 8 minutes on a 2-core CPU with the defaults. The data
+``report.md`` with the pictures. About 9 minutes on a 2-core CPU with the defaults. The data
 are phantoms: the numbers show the software at work, not clinical performance.
 """
 
@@ -23,7 +23,7 @@ DEMO_SIZE = 256  # default in-plane pixels of the phantom scans (about 1.4 mm pe
 DEMO_DIAMETERS = (5.0, 30.0)
 
 
-def run_demo(out: str | Path = "demo-output", seed: int = 0, scans: int = 32, epochs: int = 8,
+def run_demo(out: str | Path = "demo-output", seed: int = 0, scans: int = 40, epochs: int = 10,
              size: int = DEMO_SIZE, force: bool = False, log=partial(print, flush=True), progress=None) -> Path:
     """Run every stage into ``out``; return the path of ``report.html``."""
     from noduledet import engine
