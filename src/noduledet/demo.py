@@ -68,21 +68,22 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, scans: int = 40, ep
     t = stage("predict: two held-out scans", 5)
     data = Luna16(out / "data")
     test = json.loads((out / "run" / "splits.json").read_text())["test"]
-    chosen = [u for u in test if len(data.annotations().for_scan(u))][:2] or test[:2]
+    annotations = data.annotations()
+    chosen = [u for u in test if len(annotations.for_scan(u))][:2] or test[:2]
     summaries = predict([data.scan_path(u) for u in chosen], best, out / "predict", top=3, log=None)
     stages["predict"] = time.perf_counter() - t
 
     t = stage("report", 6)
     profile = profile_variant(cfg.model.variant, cfg.model.preset, size, repeats=1)
-    path = write_report(out, cfg, result, report, summaries, data, stages, profile, seed, scans, epochs, size)
+    path = write_report(out, cfg, result, report, summaries, annotations, stages, profile, seed, scans, epochs, size)
     stages["report"] = time.perf_counter() - t
     log(f"report: {path} (and {out / 'report.md'}); total {sum(stages.values()) / 60:.1f} min")
     return path
 
 
-def write_report(out: Path, cfg, result: dict, report: dict, summaries: list[dict], data, stages: dict,
+def write_report(out: Path, cfg, result: dict, report: dict, summaries: list[dict], annotations, stages: dict,
                  profile: dict, seed: int, scans: int, epochs: int, size: int) -> Path:
-    from noduledet.metrics.froc import FP_RATES
+    from noduledet.metrics.froc import FP_RATES, hits
     from noduledet.report import markdown_to_html, plot_curves, read_metrics_csv
 
     figures = out / "figures"
@@ -144,14 +145,14 @@ def write_report(out: Path, cfg, result: dict, report: dict, summaries: list[dic
         "",
     ]
     for s in summaries:
-        truth = data.annotations().for_scan(s["name"])
+        truth = annotations.for_scan(s["name"])
         cands = json.loads((out / "predict" / f"{s['name']}.json").read_text())["candidates"]
         md += [f"Scan `{s['name']}`: {s['status']} in {s['seconds']:.1f} s. Reference nodules: "
                + (", ".join(f"{d:.1f} mm at ({x:.0f}, {y:.0f}, {z:.0f})" for (x, y, z), d in zip(truth.xyz, truth.value))
                   or "none") + ".", ""]
         md += ["| rank | probability | world x, y, z (mm) | diameter | hits a reference nodule |", "|---|---:|---|---:|---|"]
         for k, c in enumerate(cands[:3]):
-            hit = any(np.linalg.norm(np.array(c["world_xyz"]) - xyz) < d / 2 for xyz, d in zip(truth.xyz, truth.value))
+            hit = hits(c["world_xyz"], truth).any()  # the FROC's rule: within the nodule's radius
             md.append(f"| {k + 1} | {c['probability']:.3f} | {', '.join(f'{v:.1f}' for v in c['world_xyz'])} | "
                       f"{c['diameter_mm']:.1f} mm | {'yes' if hit else 'no'} |")
         md.append("")

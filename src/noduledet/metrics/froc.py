@@ -55,21 +55,23 @@ class FrocResult:
         }
 
 
+def hits(xyz: np.ndarray, findings: Findings, default_diameter: float | None = None) -> np.ndarray:
+    """(points, findings) bool: world point ``xyz[i]`` lies strictly within finding j's radius
+    (``diameter / 2``; a negative diameter becomes ``default_diameter`` when given)."""
+    d = findings.value.copy()
+    if default_diameter is not None:
+        d[d < 0] = default_diameter
+    dist2 = ((np.asarray(xyz, dtype=float).reshape(-1, 3)[:, None, :] - findings.xyz[None, :, :]) ** 2).sum(-1)
+    return dist2 < (d[None, :] / 2) ** 2
+
+
 def scan_outcome(nodules: Findings, excluded: Findings, candidates: Findings, max_per_scan: int = 100) -> ScanOutcome:
     """Score one scan's candidates against its nodules and excluded findings."""
     probs = candidates.value
     order = np.argsort(-probs, kind="stable")[: max_per_scan if max_per_scan > 0 else None]
     xyz, probs = candidates.xyz[order], probs[order]
-
-    def hits(findings: Findings, default_diameter: float | None = None) -> np.ndarray:
-        d = findings.value.copy()
-        if default_diameter is not None:
-            d[d < 0] = default_diameter
-        dist2 = ((xyz[:, None, :] - findings.xyz[None, :, :]) ** 2).sum(-1)
-        return dist2 < (d[None, :] / 2) ** 2  # (candidates, findings)
-
-    on_nodule = hits(nodules)
-    on_excluded = hits(excluded, EXCLUDED_DEFAULT_DIAMETER)
+    on_nodule = hits(xyz, nodules)
+    on_excluded = hits(xyz, excluded, EXCLUDED_DEFAULT_DIAMETER)
     nodule_probs = np.array([probs[on_nodule[:, j]].max() if on_nodule[:, j].any() else -np.inf
                              for j in range(len(nodules))])
     fp = ~on_nodule.any(1) & ~on_excluded.any(1)
