@@ -63,6 +63,7 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     if unknown:
         raise UserError(f"variant(s) {unknown} are not in Table {table}: {list(TABLES[table])}")
     rows_of = [v for v in TABLES[table] if not variants or v in variants]
+    shared = {v: same_network(v, preset) for v in rows_of if same_network(v, preset) != v}  # trained once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data == "phantom":
@@ -81,7 +82,7 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     curves: dict[str, list[list[dict]]] = {}
     for seed in seeds:
         for variant in rows_of:
-            network = same_network(variant, preset)  # train a network shared by two rows once
+            network = shared.get(variant, variant)
             run = out / "runs" / f"{network}-s{seed}"
             cfg = load_config(None, [f"data.root={root}", f"data.cache={cache}", f"model.variant={network}",
                                      f"model.preset={preset}", f"train.out={run}", f"train.epochs={epochs}",
@@ -120,7 +121,6 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     mean_curves = {v: _mean_curve(c) for v, c in curves.items()}
     plot_curves(mean_curves, [("val_ap50", "validation mAP"), ("val_recall", "validation recall")], figure,
                 f"Figure {FIGURE[table]}: mAP and Recall over epochs ({source})")
-    shared = {v: same_network(v, preset) for v in rows_of if same_network(v, preset) != v}
     _write_table(out / f"table{table}", table, rows, source, epochs, seeds, preset, profile_size, figure.name, shared)
     return {"rows": rows, "figure": str(figure)}
 
