@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from noduledet.inference import Detector, load_checkpoint
 from noduledet.merge import Candidate, merge_slices
 from noduledet.metrics.coco import pr_curve, slice_metrics
 from noduledet.metrics.froc import FP_RATES, FrocResult, froc, plot_froc
-from noduledet.staging import staged_dir, staging_path
+from noduledet.staging import staged_dir
 
 
 def choose_scans(cache: SliceCache, checkpoint: Path, subsets: list[int] | None, split: str | None) -> tuple[list[str], str]:
@@ -89,7 +88,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
     detector = Detector.from_checkpoint(checkpoint, device, e.batch_size, e.engine)
     engine.init_distributed(detector.device)
     rank, world = engine.dist_info()
-    with staged_dir(out, force) if rank == 0 else nullcontext(staging_path(out)) as tmp:
+    with staged_dir(out, force, owner=rank == 0) as tmp:
         cache_dir = Path(cache or cfg.data.cache or tmp / "cache")
         manifest = cache_dir / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("data_root") != str(data_root.resolve()):

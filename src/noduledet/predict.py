@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from noduledet.data.lung import segment_lungs
 from noduledet.errors import UserError
 from noduledet.inference import Detector
 from noduledet.merge import Candidate, merge_slices
-from noduledet.staging import staged_dir, staging_path
+from noduledet.staging import staged_dir
 
 LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600: how radiologists read lung nodules
 
@@ -197,7 +196,7 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, c
     detector = Detector.from_checkpoint(checkpoint, device, cfg.batch_size, cfg.engine)
     engine.init_distributed(detector.device)
     rank, world = engine.dist_info()
-    with staged_dir(out, force) if rank == 0 else nullcontext(staging_path(out)) as tmp:
+    with staged_dir(out, force, owner=rank == 0) as tmp:
         if world > 1:
             engine.dist.barrier()  # rank 0 has made the folder
         mine = scans[rank::world]

@@ -16,13 +16,17 @@ def staging_path(out: Path) -> Path:
 
 
 @contextmanager
-def staged_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+def staged_dir(out: str | Path, force: bool = False, owner: bool = True) -> Iterator[Path]:
     """Yield an empty folder that replaces ``out`` when the block ends without an error.
 
     An existing ``out`` is refused unless ``force``; on an error the folder is removed and
-    ``out`` is left as it was.
+    ``out`` is left as it was. Several processes writing one folder (torchrun) pass
+    ``owner=False`` but on rank 0: they get the same path and neither create nor rename it.
     """
     out = Path(out)
+    if not owner:
+        yield staging_path(out)
+        return
     if out.exists() and not force:
         raise UserError(f"{out}: exists; pass --force to replace it")
     tmp = staging_path(out)
