@@ -81,6 +81,12 @@ def test_same_network_follows_the_preset():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compare_refuses_a_missing_data_folder_before_writing(tmp_path, capsys):
+    assert main(["compare", "--table", "3", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'nope'}: no such folder")
+    assert not (tmp_path / "c").exists()
+
+
 def test_compare_refuses_a_variant_outside_the_table(tmp_path, capsys):
     assert main(["compare", "--table", "4", "--variants", "res-se", "-o", str(tmp_path / "c")]) == 2
     assert "not in Table 4" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     ``table<N>.md/.csv`` and the figure."""
     from noduledet import engine
     from noduledet.data.cache import CacheSettings, cache_ready, prepare
+    from noduledet.data.luna16 import Luna16
     from noduledet.data.phantom import write_dataset
     from noduledet.evaluate import evaluate
     from noduledet.models.profile import profile_variant
@@ -63,6 +64,8 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
     if unknown:
         raise UserError(f"variant(s) {unknown} are not in Table {table}: {list(TABLES[table])}")
     rows_of = [v for v in TABLES[table] if not variants or v in variants]
+    if data != "phantom":
+        Luna16(data)  # a wrong path fails here, before OUT is made
     shared = {v: same_network(v, preset) for v in rows_of if same_network(v, preset) != v}  # trained once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
