@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line, matmul_gflops  # noqa: E402
 
+from noduledet import checkpoint as ckpt_io  # noqa: E402
 from noduledet.inference import Detector  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
 from noduledet.models.profile import count_flops, time_call  # noqa: E402
@@ -29,7 +30,7 @@ from noduledet.models.profile import count_flops, time_call  # noqa: E402
 
 def load(checkpoint: Path | None, batch: int, engine: str, channels_last: bool) -> Detector:
     if checkpoint and checkpoint.is_file():
-        return Detector.from_checkpoint(checkpoint, "cpu", batch, engine, channels_last)
+        return Detector.from_checkpoint(ckpt_io.load(checkpoint), "cpu", batch, engine, channels_last)
     torch.manual_seed(0)
     return Detector(build_detector("ccapm"), (-5.0, 0.0, 5.0), (-1000.0, 400.0), "cpu", batch, engine, channels_last)
 

@@ -2,10 +2,10 @@
 
     python benchmarks/bench_scan.py [--checkpoint runs/phantom-ccapm/best.pt] [--slices 300] [--size 512]
 
-1. A phantom scan of SIZE x SIZE x SLICES through ``noduledet predict``'s stages (read, lung
-   mask, slice preparation, detector, 3D merge, outputs), for each step from the naive path
-   (every whole slice, batch 1) to the default (lung slices cropped to the lung box, batches of
-   4, channels_last) and the ONNX Runtime engine.
+1. A phantom scan of SIZE x SIZE x SLICES through the pipeline's stages (read, lung mask, slice
+   preparation, detector, 3D merge), for each step from the naive path (every whole slice,
+   batch 1) to the default (lung slices of the scan region, batches of 4, channels_last) and
+   the ONNX Runtime engine.
 2. Quality before and after, on the held-out scans of the checkpoint's run (``data/phantom``
    with ``configs/phantom-cpu.yaml``): CPM of the naive and the cropped path, and slice mAP and
    CPM of the torch and ONNX engines through ``noduledet evaluate``.
@@ -24,22 +24,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
-from noduledet.config import EvalConfig  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from noduledet import checkpoint as ckpt_io  # noqa: E402
 from noduledet.data.cache import prepare  # noqa: E402
-from noduledet.data.ct import write_ct  # noqa: E402
+from noduledet.data.ct import CTVolume, read_ct, write_ct  # noqa: E402
 from noduledet.data.luna16 import Findings, Luna16, write_findings  # noqa: E402
+from noduledet.data.lung import ScanRegion  # noqa: E402
 from noduledet.data.phantom import make_scan, shape_library  # noqa: E402
-from noduledet.evaluate import candidates_table, evaluate  # noqa: E402
-from noduledet.inference import Detector, load_checkpoint  # noqa: E402
+from noduledet.evaluate import evaluate  # noqa: E402
+from noduledet.inference import Detector  # noqa: E402
 from noduledet.metrics.froc import froc  # noqa: E402
-from noduledet.predict import ScanInput, predict_scan  # noqa: E402
+from noduledet.pipeline import Pipeline, ScanResult, candidates_table  # noqa: E402
 
 PATHS = {  # name: (crop to lungs, batch, channels_last, engine)
     "naive: every whole slice, batch 1": (False, 1, False, "torch"),
-    "+ lung slices only, cropped to the lung box": (True, 1, False, "torch"),
+    "+ lung slices only, of the scan region": (True, 1, False, "torch"),
     "+ batches of 4, channels_last (default)": (True, 4, True, "torch"),
     "+ ONNX Runtime for the convolutions": (True, 4, False, "onnx"),
 }
+
+
+def make_pipeline(checkpoint: Path, batch: int, engine: str, channels_last: bool) -> Pipeline:
+    ckpt = ckpt_io.load(checkpoint)
+    settings = replace(ckpt.config.eval, batch_size=batch, engine=engine)
+    return Pipeline(Detector.from_checkpoint(ckpt, "cpu", batch, engine, channels_last), settings, ckpt.config)
+
+
+def run_scan(pipeline: Pipeline, path: Path, crop: bool) -> tuple[ScanResult, float]:
+    """The pipeline on one scan file (the naive path: every whole slice); and the read's seconds."""
+    t = time.perf_counter()
+    volume: CTVolume = read_ct(path)
+    read_s = time.perf_counter() - t
+    if crop:
+        return pipeline.run_volume(volume), read_s
+    whole = ScanRegion((0, 0, 0), volume.hu.shape, tuple(range(volume.hu.shape[0])))
+    return pipeline.run(volume.hu, volume.geometry, whole), read_s
 
 
 def main() -> None:
@@ -60,22 +80,20 @@ def main() -> None:
         scan = make_scan(1, 0, args.size, shapes, slices=args.slices)
         print(f"phantom scan {scan.volume.hu.shape} generated in {time.perf_counter() - t:.1f} s")
         write_ct(scan.volume, tmp / "scan.mhd")
-        (tmp / "out").mkdir()
         rows = []
         for name, (crop, batch, cl, engine) in PATHS.items():
-            det = Detector.from_checkpoint(args.checkpoint, "cpu", batch, engine, cl)
-            predict_scan(det, ScanInput(tmp / "scan.mhd", "warm"), tmp / "out", EvalConfig(), pictures=False, crop=crop)
-            summary, cands = predict_scan(det, ScanInput(tmp / "scan.mhd", "scan"), tmp / "out", EvalConfig(), crop=crop)
-            rows.append((name, summary))
-        print(f"\n### predict, one {args.size}x{args.size}x{args.slices} scan (seconds)\n")
-        keys = ("read_s", "lung_mask_s", "slice_preparation_s", "detector_s", "merge_3d_s", "outputs_s")
+            pipeline = make_pipeline(args.checkpoint, batch, engine, cl)
+            run_scan(pipeline, tmp / "scan.mhd", crop)  # warm-up
+            result, read_s = run_scan(pipeline, tmp / "scan.mhd", crop)
+            rows.append((name, {"read_s": read_s, **result.timings}, len(result.region.lung_slices)))
+        print(f"\n### the pipeline on one {args.size}x{args.size}x{args.slices} scan (seconds)\n")
+        keys = ("read_s", "lung_mask_s", "slice_preparation_s", "detector_s", "merge_3d_s")
         print("| path | slices | " + " | ".join(k[:-2].replace("_", " ") for k in keys) + " | total | ms per slice |")
         print("|---|---:|" + "---:|" * (len(keys) + 2))
-        for name, s in rows:
-            tm = s["timings"]
-            n = s["slices"]
+        for name, tm, n in rows:
+            total = sum(tm.get(k, 0) for k in ("read_s", "lung_mask_s", "slices_and_detector_s", "merge_3d_s"))
             print(f"| {name} | {n} | " + " | ".join(f"{tm.get(k, 0):.2f}" for k in keys)
-                  + f" | **{s['seconds']:.1f}** | {1000 * tm['detector_s'] / n:.0f} |")
+                  + f" | **{total:.1f}** | {1000 * tm['detector_s'] / n:.0f} |")
 
         if not args.no_quality:
             quality(args.checkpoint, tmp)
@@ -97,20 +115,18 @@ def main() -> None:
 def quality(checkpoint: Path, tmp: Path) -> None:
     """CPM of the naive and cropped paths; mAP and CPM of both engines, on the run's test scans."""
     run = checkpoint.parent
-    ckpt = load_checkpoint(checkpoint)
-    data = Luna16(ckpt["config"]["data"]["root"])
+    data = Luna16(ckpt_io.load(checkpoint).config.data.root)
     test = json.loads((run / "splits.json").read_text())["test"]
     print(f"\n### quality on the {len(test)} held-out phantom scans of {run}\n")
     print("| path | slice mAP (nodule slices) | CPM | detector seconds |\n|---|---:|---:|---:|")
     for name in list(PATHS)[:2]:
         crop, batch, cl, engine = PATHS[name]
-        det = Detector.from_checkpoint(checkpoint, "cpu", batch, engine, cl)
+        pipeline = make_pipeline(checkpoint, batch, engine, cl)
         cands, seconds = {}, 0.0
-        (tmp / "q").mkdir(exist_ok=True)
         for uid in test:
-            s, cands[uid] = predict_scan(det, ScanInput(data.scan_path(uid), uid), tmp / "q", EvalConfig(),
-                                         pictures=False, crop=crop)
-            seconds += s["timings"].get("detector_s", 0)
+            result, _ = run_scan(pipeline, data.scan_path(uid), crop)
+            cands[uid] = result.candidates
+            seconds += result.timings.get("detector_s", 0)
         r = froc(data.annotations(), data.excluded(), candidates_table(cands), test, bootstrap=0)
         print(f"| {name} | | {r.cpm:.3f} | {seconds:.0f} |")
     for name in list(PATHS)[2:]:

@@ -32,9 +32,22 @@ def phantom_cache(phantom_root, tmp_path_factory) -> Path:
     return cache
 
 
+def flipped_xy(volume):
+    """The same patient stored with x and y reversed (direction -1, -1, 1), as four LUNA16 scans are."""
+    from noduledet.data.ct import CTVolume
+    from noduledet.geometry import Geometry
+
+    g = volume.geometry
+    d = np.asarray(g.direction, dtype=float).reshape(3, 3) * [-1, -1, 1]  # columns: index axes x, y, z
+    origin = g.voxel_to_world([0, g.shape[1] - 1, g.shape[2] - 1])
+    flipped = Geometry(g.spacing, tuple(float(v) for v in origin), tuple(d.ravel()), g.shape)
+    return CTVolume(np.ascontiguousarray(volume.hu[:, ::-1, ::-1]), flipped, volume.source)
+
+
 def write_random_checkpoint(path: Path, variant: str = "res", masks: bool = False) -> Path:
     """A checkpoint of an untrained model that reports every box (score threshold 0): for
     testing the plumbing, whose outputs depend on the input alone."""
+    from noduledet import checkpoint
     from noduledet.config import Config
     from noduledet.models import build_detector
 
@@ -42,8 +55,7 @@ def write_random_checkpoint(path: Path, variant: str = "res", masks: bool = Fals
     model = build_detector(variant, box_score_thresh=0.0, masks=masks)
     cfg = Config()
     cfg.model.variant, cfg.model.masks = variant, masks
-    torch.save({"variant": variant, "spec": model.spec.to_dict(), "config": cfg.to_dict(),
-                "model": model.state_dict(), "epoch": 0}, path)
+    checkpoint.save(checkpoint.Checkpoint(variant, model.spec.to_dict(), cfg, model.state_dict()), path)
     return path
 
 
@@ -68,5 +80,5 @@ def trained(phantom_root, phantom_cache, tmp_path_factory) -> Path:
     from noduledet import engine
 
     out = tmp_path_factory.mktemp("runs") / "run"
-    engine.train(tiny_config(phantom_root, phantom_cache, out), progress=False)
+    engine.train(tiny_config(phantom_root, phantom_cache, out), log=None)
     return out

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from noduledet.cli import main
-from noduledet.data.cache import CacheSettings, SliceCache, prepare
+from noduledet.config import DataConfig
+from noduledet.data.cache import SliceCache, prepare
 from noduledet.data.dataset import SliceDataset, collate
 from noduledet.data.luna16 import Luna16
 from noduledet.data.splits import split_scans
@@ -36,8 +37,8 @@ def test_prepare_resumes_and_refuses_other_settings(phantom_root, tmp_path):
     assert victim.exists()
     assert {p.name: p.stat().st_mtime_ns for p in (cache / "scans").glob("*.json") if p != victim} == stamp
     with pytest.raises(UserError, match="a cache made with other settings; use another --cache"):
-        prepare(phantom_root, cache, CacheSettings(margin_mm=20))
-    prepare(phantom_root, cache, CacheSettings(margin_mm=20), force=True)
+        prepare(phantom_root, cache, DataConfig(margin_mm=20))
+    prepare(phantom_root, cache, DataConfig(margin_mm=20), force=True)
     assert json.loads((cache / "manifest.json").read_text())["settings"]["margin_mm"] == 20
 
 

@@ -12,6 +12,7 @@ from noduledet import engine
 from noduledet.cli import main
 from noduledet.config import load_config
 from noduledet.errors import UserError
+from noduledet.runfolder import RunFolder
 
 
 from tests.conftest import tiny_config as _cfg
@@ -28,19 +29,21 @@ def test_a_run_records_everything(trained):
     rows = (trained / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "val_ap50" in rows[0] and "val_recall" in rows[0]
     ckpt = torch.load(trained / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "spec"}
+    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "training", "config", "spec", "format"}
+    assert set(ckpt["training"]) == {"optimizer", "scheduler", "scaler", "rng"}
+    assert "training" not in torch.load(trained / "best.pt", weights_only=True)
 
 
 def test_existing_run_is_not_overwritten(trained, phantom_root, phantom_cache):
     with pytest.raises(UserError, match="exists; pass --resume to continue it or --force"):
-        engine.train(_cfg(phantom_root, phantom_cache, trained), progress=False)
+        engine.train(_cfg(phantom_root, phantom_cache, trained), log=None)
 
 
 def test_force_starts_the_run_afresh(trained, phantom_root, phantom_cache, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "tb" / "events.out.tfevents.stale").write_text("old curves")
-    engine.train(_cfg(phantom_root, phantom_cache, run, "train.epochs=1"), force=True, progress=False)
+    engine.train(_cfg(phantom_root, phantom_cache, run, "train.epochs=1"), force=True, log=None)
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + the new run's one epoch
     assert not (run / "tb" / "events.out.tfevents.stale").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
@@ -48,21 +51,21 @@ def test_force_starts_the_run_afresh(trained, phantom_root, phantom_cache, tmp_p
 
 def test_resume_continues_bit_for_bit(phantom_root, phantom_cache, tmp_path, monkeypatch):
     straight = _cfg(phantom_root, phantom_cache, tmp_path / "a")
-    engine.train(straight, progress=False)
+    engine.train(straight, log=None)
     interrupted = _cfg(phantom_root, phantom_cache, tmp_path / "b")
-    real = engine._write_metrics_csv
+    real = RunFolder.write_metrics
 
-    def stop_after_first_epoch(path, history):
-        real(path, history)
+    def stop_after_first_epoch(self, history):
+        real(self, history)
         if len(history) == 1:
             raise KeyboardInterrupt  # as if Ctrl-C hit after epoch 1 was saved
 
-    monkeypatch.setattr(engine, "_write_metrics_csv", stop_after_first_epoch)
+    monkeypatch.setattr(RunFolder, "write_metrics", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        engine.train(interrupted, progress=False)
-    monkeypatch.setattr(engine, "_write_metrics_csv", real)
+        engine.train(interrupted, log=None)
+    monkeypatch.setattr(RunFolder, "write_metrics", real)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
-    engine.train(interrupted, resume=True, progress=False)
+    engine.train(interrupted, resume=True, log=None)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for k in a["model"]:
@@ -147,3 +150,18 @@ def test_distributed_training_with_two_cpu_processes(phantom_root, phantom_cache
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.model.variant and cfg.train.out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.variant=ccpam", "model.variant='ccpam'; choose from ['ccapm', 'ccasm'"),
+    ("model.preset=huge", "model.preset='huge'; choose from ['paper', 'tiny']"),
+    ("train.optimizer=adam", "train.optimizer='adam'; choose from ['adamw', 'sgd']"),
+    ("train.schedule=linear", "train.schedule='linear'; choose from ['cosine', 'step']"),
+    ("eval.engine=tensorrt", "eval.engine='tensorrt'; choose from ['onnx', 'torch']"),
+    ("train.device=gpu", "train.device='gpu'; choose from ['auto', 'cpu', 'cuda', 'cuda:N']"),
+    ("train.epochs=three", "train.epochs: expected int, got 'three'"),
+])
+def test_config_values_are_checked_when_loaded(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)

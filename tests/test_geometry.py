@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from noduledet.geometry import Geometry, clip_boxes, sphere_box, voxel_to_pixel
+from noduledet.boxes import clip_boxes, sphere_box
+from noduledet.geometry import Geometry, pixel_to_voxel, voxel_to_pixel
 
 FLIPPED = Geometry((0.5, 0.8, 2.0), (100.0, -50.0, -300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (10, 20, 30))
 
@@ -32,6 +33,7 @@ def test_bad_direction_is_refused():
 
 def test_pixel_centres_are_half_integers():
     np.testing.assert_allclose(voxel_to_pixel([3, 7]), [7.5, 3.5])
+    np.testing.assert_allclose(pixel_to_voxel(voxel_to_pixel([[3, 7], [0.25, 9]])), [[3, 7], [0.25, 9]])
 
 
 def test_sphere_box_by_hand():

@@ -1,6 +1,7 @@
 import numpy as np
 
-from noduledet.geometry import Geometry, sphere_box
+from noduledet.boxes import sphere_box
+from noduledet.geometry import Geometry
 from noduledet.merge import SliceDetections, merge_slices
 
 G = Geometry((0.7, 0.7, 1.25), (-100.0, 50.0, -300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (60, 200, 200))

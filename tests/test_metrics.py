@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from noduledet.data.luna16 import Findings
-from noduledet.metrics.coco import box_iou, pr_curve, slice_metrics
+from noduledet.boxes import box_iou
+from noduledet.metrics.coco import pr_curve, slice_metrics
 from noduledet.metrics.froc import FP_RATES, froc, froc_curve, scan_outcome
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from noduledet import checkpoint
 from noduledet.data.cache import SliceCache
 from noduledet.errors import UserError
 from noduledet.inference import Detector
@@ -9,8 +10,9 @@ from tests.conftest import write_random_checkpoint
 
 def test_onnx_engine_gives_the_same_boxes(trained, phantom_cache):
     cache = SliceCache(phantom_cache)
-    torch_det = Detector.from_checkpoint(trained / "best.pt", "cpu", batch_size=4, engine="torch")
-    onnx_det = Detector.from_checkpoint(trained / "best.pt", "cpu", batch_size=4, engine="onnx")
+    ckpt = checkpoint.load(trained / "best.pt")
+    torch_det = Detector.from_checkpoint(ckpt, "cpu", batch_size=4, engine="torch")
+    onnx_det = Detector.from_checkpoint(ckpt, "cpu", batch_size=4, engine="onnx")
     compared = 0
     for uid in cache.uids:
         vol, g = cache.volume(uid), cache.geometry(uid)
@@ -26,4 +28,4 @@ def test_onnx_engine_gives_the_same_boxes(trained, phantom_cache):
 def test_onnx_engine_refuses_masks(tmp_path):
     ckpt = write_random_checkpoint(tmp_path / "m.pt", "res", masks=True)
     with pytest.raises(UserError, match="has a mask head"):
-        Detector.from_checkpoint(ckpt, "cpu", engine="onnx")
+        Detector.from_checkpoint(checkpoint.load(ckpt), "cpu", engine="onnx")

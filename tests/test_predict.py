@@ -7,16 +7,16 @@ from noduledet.cli import main
 from noduledet.data.ct import read_ct, write_ct, write_dicom
 from noduledet.data.luna16 import PREDICTION_COLUMNS, Luna16, read_findings
 from noduledet.predict import expand_inputs
-from tests.conftest import write_random_checkpoint
+from tests.conftest import flipped_xy, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def three_formats(phantom_root, tmp_path_factory):
-    """A flipped-direction phantom scan as .mhd, as DICOM and as NIfTI."""
+    """A phantom scan flipped in x and y on purpose, as .mhd, as DICOM and as NIfTI."""
     data = Luna16(phantom_root)
-    uid = next(u for u in data.uids if read_ct(data.scan_path(u)).geometry.direction[0] < 0) \
-        if any(read_ct(data.scan_path(u)).geometry.direction[0] < 0 for u in data.uids) else data.uids[0]
-    vol = read_ct(data.scan_path(uid))
+    uid = data.uids[0]
+    vol = flipped_xy(read_ct(data.scan_path(uid)))
+    assert vol.geometry.direction[0] == vol.geometry.direction[4] == -1
     root = tmp_path_factory.mktemp("formats")
     write_ct(vol, root / f"{uid}.mhd")
     write_ct(vol, root / "scan.nii.gz")
@@ -40,9 +40,10 @@ def test_same_candidates_from_mhd_dicom_and_nifti(three_formats, random_checkpoi
         np.testing.assert_allclose(got.value, ref.value, atol=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 3 and all("detector_s" in s["timings"] for s in summary)
-    scan = json.loads((out / f"{uid}.json").read_text())
-    assert scan["status"].endswith("with probability >= 0.5") or "candidates" in scan["status"]
-    assert (out / f"{uid}_top1.png").stat().st_size > 1000 and (out / f"{uid}_top2.png").exists()
+    scan = json.loads((out / uid / "scan.json").read_text())
+    assert scan["status"] == f"{len(scan['candidates'])} candidates, " + \
+        f"{sum(c['probability'] >= 0.5 for c in scan['candidates'])} with probability >= 0.5"
+    assert (out / uid / "top1.png").stat().st_size > 1000 and (out / uid / "top2.png").exists()
 
 
 def test_candidates_are_world_coordinates(three_formats, random_checkpoint, tmp_path):
@@ -52,7 +53,7 @@ def test_candidates_are_world_coordinates(three_formats, random_checkpoint, tmp_
     assert main(["predict", str(root / f"{uid}.mhd"), "--checkpoint", str(random_checkpoint), "-o", str(out),
                  "--no-pictures"]) == 0
     g = read_ct(root / f"{uid}.mhd").geometry
-    scan = json.loads((out / f"{uid}.json").read_text())
+    scan = json.loads((out / uid / "scan.json").read_text())
     assert scan["slices"] > 0 and scan["candidates"]
     for c in scan["candidates"]:
         np.testing.assert_allclose(g.voxel_to_world(c["voxel_zyx"]), c["world_xyz"], atol=0.01)
@@ -86,7 +87,7 @@ def test_mask_rcnn_writes_an_aligned_nifti_mask(phantom_root, tmp_path):
     scan = Luna16(phantom_root).scan_path(uid)
     assert main(["predict", str(scan), "--checkpoint", str(ckpt), "-o", str(tmp_path / "o"),
                  "--score-threshold", "0.0", "--no-pictures"]) == 0
-    mask = read_ct(tmp_path / "o" / f"{uid}_mask.nii.gz")
+    mask = read_ct(tmp_path / "o" / uid / "mask.nii.gz")
     vol = read_ct(scan)
     assert mask.hu.shape == vol.hu.shape and mask.hu.max() >= 1
     np.testing.assert_allclose(mask.geometry.voxel_to_world([[1, 2, 3]]), vol.geometry.voxel_to_world([[1, 2, 3]]), atol=1e-3)

@@ -10,15 +10,11 @@ from noduledet.report import markdown_to_html
 
 
 def test_markdown_page_stands_alone(tmp_path):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.figure()
-    plt.plot([0, 1])
-    plt.savefig(tmp_path / "a.png")
-    plt.close()
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    fig.savefig(tmp_path / "a.png")
     page = markdown_to_html("# Title\n\n| a | b |\n|---|---:|\n| x | **1** |\n\n![A curve](a.png)\n\n- item `code`\n",
                             tmp_path, "t")
     assert "<h1>Title</h1>" in page and "<th>a</th>" in page and "<td><b>1</b></td>" in page

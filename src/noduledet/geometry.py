@@ -4,8 +4,10 @@
 - voxel: (z, y, x) indices into the array of ``sitk.GetArrayFromImage(image)``; continuous
   values are allowed, and integer values are voxel centres.
 - pixel: continuous (x, y) on one axial slice whose pixel edges are integers: the voxel with
-  index (y, x) covers [x, x+1) x [y, y+1), so its centre is at (x + 0.5, y + 0.5).
-- boxes: [x1, y1, x2, y2] in pixel coordinates, 0 <= x1 < x2 <= W (torchvision order).
+  index (y, x) covers [x, x+1) x [y, y+1), so its centre is at (x + 0.5, y + 0.5)
+  (``pixel_to_voxel`` and ``voxel_to_pixel``).
+- boxes: [x1, y1, x2, y2] in pixel coordinates, 0 <= x1 < x2 <= W (torchvision order; the
+  functions that move, clip and compare them are in ``boxes``).
 
 world = origin + D @ (spacing * index_xyz), with D the 3x3 direction matrix whose columns are the
 world directions of the index axes x, y, z. Never assume D is the identity: four LUNA16 scans
@@ -65,6 +67,22 @@ class Geometry:
         return Geometry(self.spacing, tuple(float(o) for o in origin), self.direction,
                         tuple(int(s) for s in shape_zyx))
 
+    @property
+    def z_index_per_mm(self) -> float:
+        """Index change per +1 mm of world z along the slice axis (negative for a flipped z) of
+        an axial volume (the readers refuse others: ``slice_tilt_deg``)."""
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return float(d[2, 2]) / self.spacing[2]
+
+    def slice_index(self, z_mm: float) -> int:
+        """Index of the axial slice nearest world z (``z_mm``)."""
+        return int(round(self.world_to_voxel([self.origin[0], self.origin[1], z_mm])[0]))
+
+    def slice_tilt_deg(self) -> float:
+        """Angle (degrees) between the slice axis and world z: 0 for an axial scan."""
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return float(np.degrees(np.arccos(min(1.0, abs(d[2, 2])))))
+
     def to_dict(self) -> dict:
         return {"spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction), "shape": list(self.shape)}
@@ -76,44 +94,9 @@ class Geometry:
 
 def voxel_to_pixel(voxel_yx) -> np.ndarray:
     """Voxel (y, x) indices -> pixel (x, y) continuous coordinates (centre at +0.5)."""
-    v = np.asarray(voxel_yx, dtype=float)
-    return v[..., ::-1] + 0.5
+    return np.asarray(voxel_yx, dtype=float)[..., ::-1] + 0.5
 
 
-def sphere_box(center_zyx, radius_mm: float, z: int, spacing_xyz, min_section: float = 0.5):
-    """Box of a sphere cut by the axial plane through voxel centres of slice ``z``.
-
-    Args:
-        center_zyx: continuous voxel index of the sphere centre.
-        radius_mm: sphere radius.
-        z: slice index.
-        spacing_xyz: voxel size (x, y, z) mm.
-        min_section: slices whose cut circle has a radius below ``min_section * radius_mm``
-            (the caps) get no box.
-
-    Returns:
-        [x1, y1, x2, y2] pixel box (unclipped), or None when the plane misses the sphere or
-        cuts only its cap.
-    """
-    cz, cy, cx = (float(c) for c in center_zyx)
-    sx, sy, sz = (float(s) for s in spacing_xyz)
-    dz = (z - cz) * sz
-    r2 = radius_mm**2 - dz**2
-    if r2 <= 0 or np.sqrt(r2) < min_section * radius_mm:
-        return None
-    r = np.sqrt(r2)
-    px, py = cx + 0.5, cy + 0.5
-    return [px - r / sx, py - r / sy, px + r / sx, py + r / sy]
-
-
-def clip_boxes(boxes: np.ndarray, height: int, width: int, min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Clip (N, 4) boxes to the image; drop those narrower than ``min_size`` pixels.
-
-    Returns:
-        the kept boxes (M, 4) and the (N,) bool mask of which were kept.
-    """
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, width)
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, height)
-    keep = ((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)
-    return b[keep], keep
+def pixel_to_voxel(pixel_xy) -> np.ndarray:
+    """Pixel (x, y) continuous coordinates -> voxel (y, x) indices (the inverse)."""
+    return np.asarray(pixel_xy, dtype=float)[..., ::-1] - 0.5

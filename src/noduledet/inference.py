@@ -2,44 +2,22 @@
 
 ``Detector`` holds a model with the sampling it was trained with (2.5D offsets, HU window) and
 turns a (z, y, x) volume into per-slice detections, batching slices and without autograd.
-Checkpoints are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from noduledet.boxes import shift_boxes
+from noduledet.checkpoint import Checkpoint
 from noduledet.data.slices import sample_planes, window
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 from noduledet.merge import SliceDetections
 from noduledet.models.detector import DetectorSpec, build_from_spec
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but no GPU is available")
-    return torch.device(name)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A checkpoint written by ``noduledet train``, loaded with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated or foreign files raise many kinds of errors
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
-        raise UserError(f"{path}: not a noduledet checkpoint (no model/spec)")
-    return ckpt
 
 
 class Detector:
@@ -58,7 +36,7 @@ class Detector:
     def __init__(self, model: torch.nn.Module, offsets_mm, window_hu, device: torch.device | str = "cpu",
                  batch_size: int = 4, engine: str = "torch", channels_last: bool = True):
         self.device = torch.device(device)
-        self.spec = model.spec
+        self.variant, self.spec = model.variant, model.spec
         model = model.to(self.device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -76,14 +54,13 @@ class Detector:
         self.timings = {"prepare_s": 0.0, "model_s": 0.0}  # accumulated over detect() calls
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", batch_size: int = 4,
+    def from_checkpoint(cls, ckpt: Checkpoint, device: torch.device | str = "cpu", batch_size: int = 4,
                         engine: str = "torch", channels_last: bool = True) -> Detector:
-        ckpt = load_checkpoint(path)
-        model = build_from_spec(ckpt["variant"], DetectorSpec.from_dict(ckpt["spec"]))
-        model.load_state_dict(ckpt["model"])
-        data = ckpt["config"]["data"]
-        return cls(model, data["offsets_mm"], data["window_hu"], resolve_device(device), batch_size, engine,
-                   channels_last)
+        """The checkpoint's model with the sampling of its run."""
+        model = build_from_spec(ckpt.variant, DetectorSpec.from_dict(ckpt.spec))
+        model.load_state_dict(ckpt.model)
+        data = ckpt.config.data
+        return cls(model, data.offsets_mm, data.window_hu, device, batch_size, engine, channels_last)
 
     @property
     def masks(self) -> bool:
@@ -119,9 +96,7 @@ class Detector:
             self.timings["prepare_s"] += t1 - t0
             self.timings["model_s"] += time.perf_counter() - t1
             for z, r in zip(batch, results):
-                boxes = r["boxes"].float().cpu().numpy()
-                boxes[:, [0, 2]] += cols.start
-                boxes[:, [1, 3]] += rows.start
+                boxes = shift_boxes(r["boxes"].float().cpu().numpy(), cols.start, rows.start)
                 masks = (r["masks"][:, 0] >= 0.5).cpu().numpy() if "masks" in r else None
                 out.append(SliceDetections(int(z), boxes, r["scores"].float().cpu().numpy(), masks,
                                            (rows.start, cols.start)))

@@ -9,14 +9,14 @@ must not drag the centre off the nodule — and its diameter the peak box's size
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from noduledet.geometry import Geometry
-from noduledet.metrics.coco import box_iou
+from noduledet.boxes import box_iou
+from noduledet.geometry import Geometry, pixel_to_voxel
 
 
 @dataclass
@@ -55,6 +55,13 @@ class Candidate:
                 "diameter_mm": round(float(self.diameter_mm), 2), "slices": self.slices,
                 "z_range": list(self.z_range)}
 
+    def moved(self, offset_zyx) -> Candidate:
+        """The same candidate with its voxel indices in a frame where this one's origin sits at
+        ``offset_zyx`` (a region's candidates in the whole scan's frame); world is unchanged."""
+        offset = np.asarray(offset_zyx, dtype=float)
+        return replace(self, voxel_zyx=self.voxel_zyx + offset,
+                       z_range=(self.z_range[0] + int(offset[0]), self.z_range[1] + int(offset[0])))
+
 
 def merge_slices(detections: list[SliceDetections], geometry: Geometry, link_mm: float = 3.0,
                  min_score: float = 0.05) -> list[Candidate]:
@@ -92,7 +99,7 @@ def merge_slices(detections: list[SliceDetections], geometry: Geometry, link_mm:
         w = scores[core]
         cx, cy = (centres[core] * w[:, None]).sum(0) / w.sum()
         cz = float((z[core] * w).sum() / w.sum())
-        voxel = np.array([cz, cy - 0.5, cx - 0.5])  # pixel centre (x + 0.5) -> voxel index x
+        voxel = np.array([cz, *pixel_to_voxel([cx, cy])])
         out.append(Candidate(voxel, geometry.voxel_to_world(voxel), float(scores[peak]), float(diam[peak]),
                              len(set(z[idx].tolist())), (int(z[idx].min()), int(z[idx].max())),
                              [items[i] for i in idx]))

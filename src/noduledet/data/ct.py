@@ -133,7 +133,7 @@ def read_mhd(path: Path) -> CTVolume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        raise UserError(f"{path}: unreadable MetaImage ({_first_line(err)})") from None
+        raise UserError(f"{path}: unreadable MetaImage ({_itk_reason(err)})") from None
     return _from_sitk(image, str(path))
 
 
@@ -143,7 +143,7 @@ def read_nifti(path: Path) -> CTVolume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        raise UserError(f"{path}: unreadable NIfTI ({_first_line(err)})") from None
+        raise UserError(f"{path}: unreadable NIfTI ({_itk_reason(err)})") from None
     return _from_sitk(image, str(path))
 
 
@@ -231,7 +231,7 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise UserError(f"{folder}: unreadable DICOM pixel data ({_first_line(err)})") from None
+        raise UserError(f"{folder}: unreadable DICOM pixel data ({_itk_reason(err)})") from None
     hu = _to_hu(sitk.GetArrayFromImage(image))
     direction = np.stack([row, col, normal], axis=1)  # columns: index axes x, y, z
     geometry = Geometry(
@@ -305,19 +305,28 @@ def ct_kind(path: Path) -> str | None:
     return None
 
 
+MAX_TILT_DEG = 1.0  # slices whose axis leaves world z by more than this are not axial
+
+
 def read_ct(path: str | os.PathLike, series: str | None = None) -> CTVolume:
-    """Read a CT scan from a .mhd file, a .nii/.nii.gz file or a DICOM series folder."""
+    """Read an axial CT scan from a .mhd file, a .nii/.nii.gz file or a DICOM series folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     kind = ct_kind(path)
     if kind == "mhd":
-        return read_mhd(path)
-    if kind == "nifti":
-        return read_nifti(path)
-    if kind == "dicom":
-        return read_dicom(path, series)
-    raise UserError(f"{path}: unknown CT format (expected .mhd, .nii, .nii.gz or a DICOM folder)")
+        volume = read_mhd(path)
+    elif kind == "nifti":
+        volume = read_nifti(path)
+    elif kind == "dicom":
+        volume = read_dicom(path, series)
+    else:
+        raise UserError(f"{path}: unknown CT format (expected .mhd, .nii, .nii.gz or a DICOM folder)")
+    tilt = volume.geometry.slice_tilt_deg()
+    if tilt > MAX_TILT_DEG:
+        raise UserError(f"{path}: not an axial scan (the slice axis is {tilt:.1f} degrees from the patient's "
+                        f"z axis); noduledet reads axial CT")
+    return volume
 
 
 def write_ct(volume: CTVolume, path: str | os.PathLike) -> None:
@@ -329,6 +338,12 @@ def write_ct(volume: CTVolume, path: str | os.PathLike) -> None:
     sitk.WriteImage(to_sitk(volume), str(path), useCompression=path.name.endswith(".gz"))
 
 
-def _first_line(err: Exception) -> str:
+def _itk_reason(err: Exception) -> str:
+    """The informative line of an ITK error (its messages run over several lines: where it was
+    thrown, "ITK ERROR: ...", then "Reason: ..."): the reason, else the error line, else the first."""
     lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    return lines[-1] if lines else type(err).__name__
+    for prefix in ("Reason:", "ITK ERROR:"):
+        for line in lines:
+            if line.startswith(prefix):
+                return line[len(prefix):].split("): ", 1)[-1].strip()
+    return lines[0] if lines else type(err).__name__

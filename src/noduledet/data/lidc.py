@@ -27,6 +27,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.draw import polygon
 
 from noduledet.errors import UserError
+from noduledet.progress import track
 
 
 def database_path() -> Path:
@@ -286,7 +287,7 @@ def derive_luna16(db: LidcDatabase, uids: list[str] | None = None, min_readers: 
 
     Args:
         uids: restrict to these scans (e.g. LUNA16's 888); default: every scan thin enough.
-        progress: optional callable wrapping the scan iterable (a progress bar).
+        progress: a progress reporter (``noduledet.progress``) or None.
     """
     scans = [s for s in db.scans.values() if s.slice_thickness <= max_thickness_mm]
     if uids is not None:
@@ -294,7 +295,7 @@ def derive_luna16(db: LidcDatabase, uids: list[str] | None = None, min_readers: 
         scans = [s for s in scans if s.series_uid in wanted]
     scans.sort(key=lambda s: s.series_uid)
     out = []
-    for scan in progress(scans) if progress else scans:
+    for scan in track(progress, scans):
         for nod in db.nodules(scan):
             if nod.readers >= min_readers and nod.diameter_mm >= min_diameter_mm:
                 x, y, z = nod.centroid

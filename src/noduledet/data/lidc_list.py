@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from noduledet.data.ct import read_mhd_geometry
 from noduledet.data.lidc import DerivedNodule, LidcDatabase, compare_with_reference, derive_luna16
 from noduledet.data.luna16 import REFERENCE, Findings, Luna16, read_findings, read_uid_list, write_findings
 from noduledet.errors import UserError
+from noduledet.staging import atomic_write, write_json
 
 
 def world_xy(nodule: DerivedNodule, data: Luna16 | None) -> tuple[float, float] | None:
@@ -18,8 +18,7 @@ def world_xy(nodule: DerivedNodule, data: Luna16 | None) -> tuple[float, float] 
     if data is None or nodule.uid not in data.scans:
         return None
     g = read_mhd_geometry(data.scans[nodule.uid])
-    k = g.world_to_voxel([g.origin[0], g.origin[1], nodule.z_mm])[0]
-    x, y, _ = g.voxel_to_world([k, nodule.y_px, nodule.x_px])
+    x, y, _ = g.voxel_to_world([g.slice_index(nodule.z_mm), nodule.y_px, nodule.x_px])
     return float(x), float(y)
 
 
@@ -41,12 +40,12 @@ def run(out: Path, data: Path | None = None, reference: Path | None = None, scan
              "pixelX": np.array([f"{d.x_px:.2f}" for d in derived]),
              "pixelY": np.array([f"{d.y_px:.2f}" for d in derived])}
     xyz = np.array([[p[0], p[1], d.z_mm] if p else [np.nan, np.nan, d.z_mm] for d, p in zip(derived, placed)])
-    tmp = out.with_name(f".{out.name}.tmp")
-    write_findings(tmp, Findings(np.array([d.uid for d in derived], dtype=str), xyz.reshape(-1, 3),
-                                 np.array([d.diameter_mm for d in derived]), "", extra))
-    tmp.replace(out)
     ref = read_findings(reference or REFERENCE / "luna16_annotations.csv")
     report = compare_with_reference(derived, ref)
+    write_json(out.with_suffix(".check.json"), report)  # before the list: the list's presence means both are whole
+    atomic_write(out, lambda tmp: write_findings(tmp, Findings(
+        np.array([d.uid for d in derived], dtype=str), xyz.reshape(-1, 3), np.array([d.diameter_mm for d in derived]),
+        "", extra)))
     missing = sum(p is None for p in placed)
     print(f"wrote {len(derived)} nodules to {out}" + (f" ({missing} without world x, y: pass --data)" if missing else ""))
     print(f"reference {ref.source}: {report['reference']} nodules; derived {report['derived']} "
@@ -56,5 +55,4 @@ def run(out: Path, data: Path | None = None, reference: Path | None = None, scan
     print(f"diameter (volume-equivalent, mean of readers) vs reference: mean |diff| "
           f"{report['diameter_mean_abs_diff_mm']:.3f} mm, median {report['diameter_median_abs_diff_mm']:.3f} mm, "
           f"mean ratio {report['diameter_mean_ratio']:.4f}, correlation {report['diameter_correlation']:.4f}")
-    out.with_suffix(".check.json").write_text(json.dumps(report, indent=1))
     return report

@@ -23,6 +23,25 @@ AIR_HU = -400
 COARSE_MM = 3.0
 
 
+@dataclass(frozen=True)
+class ScanRegion:
+    """The part of a scan the detector looks at: the lungs' box plus margins.
+
+    Attributes:
+        start_zyx: the region's first voxel in the scan.
+        shape_zyx: its size.
+        lung_slices: the slices holding lung, as indices into the region (empty: no lung).
+    """
+
+    start_zyx: tuple[int, int, int]
+    shape_zyx: tuple[int, int, int]
+    lung_slices: tuple[int, ...]
+
+    def index(self) -> tuple[slice, slice, slice]:
+        """(z, y, x) slices that cut the region out of the scan's array."""
+        return tuple(slice(a, a + n) for a, n in zip(self.start_zyx, self.shape_zyx))  # type: ignore[return-value]
+
+
 @dataclass
 class LungMask:
     """The lungs of one scan on a coarse grid, with the block size that maps it back.
@@ -57,15 +76,16 @@ class LungMask:
                 min(self.shape[1], (int(ys[-1]) + 1) * by + margin_px),
                 min(self.shape[2], (int(xs[-1]) + 1) * bx + margin_px))
 
-    def crop(self, spacing_xyz, margin_mm: float = 10.0, z_margin_mm: float = 12.0) -> tuple[slice, slice, slice]:
-        """(z, y, x) slices of the lungs' box plus margins (the whole volume when no lung)."""
+    def region(self, spacing_xyz, margin_mm: float = 10.0, z_margin_mm: float = 12.0) -> ScanRegion:
+        """The lungs' box plus margins (the whole volume when there is no lung)."""
         if self.empty:
-            return slice(0, self.shape[0]), slice(0, self.shape[1]), slice(0, self.shape[2])
+            return ScanRegion((0, 0, 0), self.shape, ())
         sx, sy, sz = spacing_xyz
         z = self.slices()
         zm = int(np.ceil(z_margin_mm / sz))
         y0, x0, y1, x1 = self.box_yx(int(np.ceil(margin_mm / min(sx, sy))))
-        return slice(max(0, int(z[0]) - zm), min(self.shape[0], int(z[-1]) + 1 + zm)), slice(y0, y1), slice(x0, x1)
+        z0, z1 = max(0, int(z[0]) - zm), min(self.shape[0], int(z[-1]) + 1 + zm)
+        return ScanRegion((z0, y0, x0), (z1 - z0, y1 - y0, x1 - x0), tuple(int(k) - z0 for k in z))
 
     def full(self) -> np.ndarray:
         """The mask at full resolution (nearest neighbour), (z, y, x) bool."""

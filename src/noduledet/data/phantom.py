@@ -32,6 +32,7 @@ from noduledet.data.ct import CTVolume, write_ct
 from noduledet.data.luna16 import Findings, write_findings
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
+from noduledet.progress import track
 from noduledet.staging import staged_dir
 
 PHANTOM_VERSION = 1
@@ -520,9 +521,9 @@ def write_dataset(out: Path, scans: int, seed: int = 0, size: int = 512, workers
         jobs = [(tmp, seed, i, size, shapes, nodules, diameters, i % n_subsets) for i in range(scans)]
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(_progress(pool.map(_write_scan, jobs), progress, scans))
+                results = list(track(progress, pool.map(_write_scan, jobs), total=scans))
         else:
-            results = [_write_scan(j) for j in _progress(jobs, progress, scans)]
+            results = [_write_scan(j) for j in track(progress, jobs, total=scans)]
         annotations = [(r["uid"], n) for r in results for n in r["nodules"]]
         excluded = [(r["uid"], e) for r in results for e in r["excluded"]]
         for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded)):
@@ -537,10 +538,6 @@ def write_dataset(out: Path, scans: int, seed: int = 0, size: int = 512, workers
         if preview:
             write_preview(tmp, tmp / "preview.png")
     return summary
-
-
-def _progress(iterable, progress, total):
-    return progress(iterable, total=total) if progress else iterable
 
 
 def _write_scan(job) -> dict:
@@ -559,34 +556,22 @@ def _write_scan(job) -> dict:
 
 def write_preview(root: Path, path: Path, count: int = 8) -> None:
     """A picture of axial slices through the first ``count`` nodules, each circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from noduledet.data.ct import read_ct
     from noduledet.data.luna16 import Luna16
+    from noduledet.plots import slice_grid
 
     data = Luna16(root)
     ann = data.annotations()
-    picks = list(range(min(count, len(ann))))
-    if not picks:
-        return
-    cols = 4
-    rows = (len(picks) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    cache: dict[str, CTVolume] = {}
-    for ax, i in zip(axes.ravel(), picks):
+    volumes: dict[str, CTVolume] = {}
+    panels = []
+    for i in range(min(count, len(ann))):
         uid = ann.uids[i]
-        vol = cache.setdefault(uid, read_ct(data.scan_path(uid)))
-        z, y, x = vol.geometry.world_to_voxel(ann.xyz[i])
+        if uid not in volumes:
+            volumes[uid] = read_ct(data.scan_path(uid))
+        g = volumes[uid].geometry
+        z, y, x = g.world_to_voxel(ann.xyz[i])
         k = int(round(z))
-        ax.imshow(vol.hu[k], cmap="gray", vmin=-1350, vmax=150)  # lung window
-        r = ann.value[i] / 2 / vol.geometry.spacing[0]
-        ax.add_patch(plt.Circle((x, y), r + 6, fill=False, color="red", lw=1.2))
-        ax.set_title(f"{uid[-8:]} slice {k}: {ann.value[i]:.1f} mm", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        panels.append((volumes[uid].hu[k], (x + 0.5, y + 0.5), ann.value[i] / 2 / g.spacing[0] + 6,
+                       f"{uid[-8:]} slice {k}: {ann.value[i]:.1f} mm"))
+    if panels:
+        slice_grid(panels, path)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from noduledet.geometry import Geometry, clip_boxes, sphere_box
+from noduledet.boxes import clip_boxes, shift_boxes, sphere_box, sphere_section
+from noduledet.geometry import Geometry
 
 OFFSETS_MM = (-5.0, 0.0, 5.0)
 WINDOW_HU = (-1000.0, 400.0)  # lung parenchyma to soft tissue; bone saturates
@@ -22,12 +23,6 @@ def window(hu: np.ndarray, lo: float = WINDOW_HU[0], hi: float = WINDOW_HU[1]) -
     """Map HU to [0, 1] float32: ``lo`` -> 0, ``hi`` -> 1, clipped."""
     out = (np.asarray(hu, dtype=np.float32) - lo) / (hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def z_step_index(geometry: Geometry) -> float:
-    """Index change per +1 mm of world z along the slice axis (negative for a flipped z)."""
-    d = np.asarray(geometry.direction).reshape(3, 3)
-    return float(d[2, 2]) / geometry.spacing[2]
 
 
 def sample_planes(hu: np.ndarray, z: int, offsets_mm, geometry: Geometry,
@@ -41,7 +36,7 @@ def sample_planes(hu: np.ndarray, z: int, offsets_mm, geometry: Geometry,
         geometry: the volume's geometry (for slice spacing and z direction).
         rows, cols: the part of each plane to return.
     """
-    step = z_step_index(geometry)
+    step = geometry.z_index_per_mm
     nz = hu.shape[0]
     planes = []
     for off in offsets_mm:
@@ -93,15 +88,15 @@ class Nodule:
             keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
             out[ys[keep], xs[keep]] = 1
             return out
-        if sphere_box(self.center_zyx, self.diameter_mm / 2, z, spacing_xyz, min_section) is None:
+        cut = sphere_section(self.center_zyx, self.diameter_mm / 2, z, spacing_xyz, min_section)
+        if cut is None:
             return None
-        cz, cy, cx = self.center_zyx
-        r2 = (self.diameter_mm / 2) ** 2 - ((z - cz) * spacing_xyz[2]) ** 2
-        yy = (np.arange(rows.start, rows.stop) - cy) * spacing_xyz[1]
-        xx = (np.arange(cols.start, cols.stop) - cx) * spacing_xyz[0]
-        out[(yy[:, None] ** 2 + xx[None, :] ** 2) <= r2] = 1
+        (px, py), r = cut
+        yy = (np.arange(rows.start, rows.stop) + 0.5 - py) * spacing_xyz[1]  # pixel centres, mm from the circle's
+        xx = (np.arange(cols.start, cols.stop) + 0.5 - px) * spacing_xyz[0]
+        out[(yy[:, None] ** 2 + xx[None, :] ** 2) <= r * r] = 1
         if not out.any():  # a disc narrower than a pixel: its centre pixel
-            out[int(np.clip(round(cy) - rows.start, 0, h - 1)), int(np.clip(round(cx) - cols.start, 0, w - 1))] = 1
+            out[int(np.clip(np.floor(py) - rows.start, 0, h - 1)), int(np.clip(np.floor(px) - cols.start, 0, w - 1))] = 1
         return out
 
 
@@ -114,9 +109,9 @@ def slice_targets(nodules: list[Nodule], z: int, spacing_xyz, rows: slice, cols:
     for n in nodules:
         b = n.box(z, spacing_xyz, min_section)
         if b is not None:
-            boxes.append([b[0] - cols.start, b[1] - rows.start, b[2] - cols.start, b[3] - rows.start])
+            boxes.append(b)
             kept.append(n)
-    boxes_arr, keep = clip_boxes(np.array(boxes, dtype=np.float32).reshape(-1, 4), h, w)
+    boxes_arr, keep = clip_boxes(shift_boxes(boxes, -cols.start, -rows.start), h, w)
     out = {"boxes": boxes_arr}
     if masks:
         ms = [n.raster(z, rows, cols, spacing_xyz, min_section) for n, ok in zip(kept, keep) if ok]

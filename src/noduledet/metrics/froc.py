@@ -24,6 +24,14 @@ FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 EXCLUDED_DEFAULT_DIAMETER = 10.0
 
 
+def fp_label(rate: float) -> str:
+    """A false-positive rate as printed: 1/8, 1/4, 1/2, 1, 2, 4, 8."""
+    return f"1/{round(1 / rate)}" if rate < 1 else f"{rate:g}"
+
+
+FP_LABELS = tuple(fp_label(r) for r in FP_RATES)
+
+
 @dataclass
 class ScanOutcome:
     """Per scan: the probability of each reference nodule (-inf if missed) and of each FP."""
@@ -123,28 +131,9 @@ def froc(annotations: Findings, excluded: Findings, candidates: Findings, scans:
 
 
 def plot_froc(result: FrocResult, path, title: str = "FROC") -> None:
-    """The FROC curve on a log2 FP-per-scan axis with the seven LUNA16 points and their CIs."""
-    import matplotlib
+    """The FROC curve with the seven LUNA16 points and, when bootstrapped, their 95% intervals."""
+    from noduledet import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    keep = result.fps > 0
-    ax.plot(result.fps[keep], result.sens[keep], color="tab:blue", lw=1.5, label=f"CPM {result.cpm:.3f}")
-    ax.errorbar(FP_RATES, result.sensitivities,
-                yerr=None if np.isnan(result.ci_low).all() else
-                [result.sensitivities - result.ci_low, result.ci_high - result.sensitivities],
-                fmt="o", color="tab:red", ms=4, capsize=3, label="1/8 ... 8 FP/scan (95% CI)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(FP_RATES[0] / 1.5, FP_RATES[-1] * 1.5)
-    ax.set_xticks(FP_RATES, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"{title} ({result.nodules} nodules, {result.scans} scans)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ci = None if np.isnan(result.ci_low).all() else (result.ci_low, result.ci_high)
+    plots.froc(result.fps, result.sens, FP_RATES, result.sensitivities, ci, FP_LABELS, path,
+               f"{title} ({result.nodules} nodules, {result.scans} scans)")

@@ -1,0 +1,90 @@
+"""The checkpoint format, written and read in one place.
+
+A checkpoint is a dict of tensors and plain values (``torch.load(weights_only=True)`` reads
+it): the format number, the noduledet version, the detector's variant and ``DetectorSpec``,
+the run's resolved configuration, the model's weights, the epoch, the best validation score
+and the history of epochs. ``last.pt`` also holds the optimiser, scheduler, gradient scaler
+and RNG state that make ``--resume`` exact (``training``). Files are written under a temporary
+name and renamed, so a checkpoint on disk is always whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from noduledet import __version__
+from noduledet.config import Config, config_from_dict
+from noduledet.errors import UserError
+from noduledet.staging import atomic_write
+
+FORMAT = 2
+
+
+@dataclass
+class Checkpoint:
+    """What a run saves.
+
+    Attributes:
+        variant: detector variant (``noduledet.models.VARIANTS``).
+        spec: the ``DetectorSpec`` as a plain dict.
+        config: the run's configuration.
+        model: the detector's state dict.
+        epoch: epochs done.
+        best: best validation score so far.
+        history: one dict per epoch (losses, validation metrics).
+        training: optimiser, scheduler, scaler and RNG state (``last.pt`` only), or None.
+        path: where it was read from (None until saved or loaded).
+    """
+
+    variant: str
+    spec: dict
+    config: Config
+    model: dict
+    epoch: int = 0
+    best: float = float("-inf")
+    history: list = field(default_factory=list)
+    training: dict | None = None
+    path: Path | None = None
+
+    def to_dict(self) -> dict:
+        out = {"format": FORMAT, "noduledet": __version__, "variant": self.variant, "spec": self.spec,
+               "config": self.config.to_dict(), "model": self.model, "epoch": self.epoch, "best": self.best,
+               "history": self.history}
+        if self.training is not None:
+            out["training"] = self.training
+        return out
+
+    def without_training(self) -> Checkpoint:
+        """The same checkpoint without the resume state (for ``best.pt``)."""
+        return Checkpoint(self.variant, self.spec, self.config, self.model, self.epoch, self.best, self.history)
+
+
+def save(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Write ``checkpoint`` to ``path`` atomically."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: torch.save(checkpoint.to_dict(), tmp))
+    checkpoint.path = path
+
+
+def load(path: str | Path, map_location="cpu") -> Checkpoint:
+    """Read a checkpoint written by ``save`` (weights only); refuse anything else in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many kinds of errors
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(raw, dict) or "model" not in raw or "spec" not in raw:
+        raise UserError(f"{path}: not a noduledet checkpoint (no model and spec)")
+    found = raw.get("format", 1)
+    if found != FORMAT:
+        raise UserError(f"{path}: checkpoint format {found}, this noduledet {__version__} reads format {FORMAT}; "
+                        f"retrain with this version (noduledet train)")
+    config = config_from_dict(raw["config"], f"{path} (its config)")
+    return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
+                      list(raw["history"]), raw.get("training"), path)

@@ -1,0 +1,132 @@
+"""One road from a CT volume to nodule candidates.
+
+``predict``, ``evaluate``, ``demo``, ``compare`` and the benchmarks all go through
+``Pipeline``, so the CPM that ``evaluate`` prints is the CPM of what ``predict`` writes::
+
+    volume -> lung mask -> scan region (the lungs' box plus margins, ``DataConfig``)
+           -> the detector on each lung slice of the region (batched, no autograd)
+           -> 3D merge -> the most probable ``max_candidates`` -> candidates in world mm
+
+``run`` starts from a region already cut out (the prepared cache serves those, made with the
+same ``LungMask.region``); ``run_volume`` starts from a whole scan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noduledet import checkpoint
+from noduledet.config import Config, EvalConfig
+from noduledet.data.ct import CTVolume
+from noduledet.data.luna16 import Findings
+from noduledet.data.lung import ScanRegion, segment_lungs
+from noduledet.errors import UserError
+from noduledet.geometry import Geometry
+from noduledet.inference import Detector
+from noduledet.merge import Candidate, SliceDetections, merge_slices
+
+
+@dataclass
+class ScanResult:
+    """What the pipeline found in one scan.
+
+    Attributes:
+        candidates: most probable first, voxel indices in the whole scan's frame.
+        detections: per-slice detections, in the region's frame.
+        region: where the region lies in the scan.
+        timings: seconds per stage.
+        threshold: the operating point the status counts findings at.
+    """
+
+    candidates: list[Candidate]
+    detections: list[SliceDetections]
+    region: ScanRegion
+    timings: dict[str, float] = field(default_factory=dict)
+    threshold: float = 0.5
+
+    @property
+    def status(self) -> str:
+        if not self.region.lung_slices:
+            return "no lung found: nothing to search"
+        if not self.candidates:
+            return "no candidates"
+        above = sum(c.probability >= self.threshold for c in self.candidates)
+        return f"{len(self.candidates)} candidates, {above} with probability >= {self.threshold}"
+
+
+class Pipeline:
+    """A trained detector with the settings of its run: scans in, candidates out.
+
+    Args:
+        detector: the stage-one detector.
+        settings: merging, cap and batching (``EvalConfig``).
+        config: the run's configuration (the scan region's margins come from ``config.data``).
+        epoch: the training epoch of the weights, when known.
+    """
+
+    def __init__(self, detector: Detector, settings: EvalConfig, config: Config, epoch: int | None = None):
+        self.detector, self.settings, self.config, self.epoch = detector, settings, config, epoch
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu", **overrides) -> Pipeline:
+        """The checkpoint's pipeline; ``overrides`` replace fields of its ``eval`` settings."""
+        ckpt = checkpoint.load(path)
+        try:
+            settings = replace(ckpt.config.eval, **overrides)
+        except TypeError as err:
+            raise UserError(f"unknown evaluation option: {err}") from None
+        detector = Detector.from_checkpoint(ckpt, device, settings.batch_size, settings.engine)
+        return cls(detector, settings, ckpt.config, ckpt.epoch)
+
+    def region(self, volume: CTVolume) -> ScanRegion:
+        """The scan region of a whole volume (the lungs' box plus the run's margins)."""
+        d = self.config.data
+        return segment_lungs(volume).region(volume.geometry.spacing, d.margin_mm, d.z_margin_mm)
+
+    def run_volume(self, volume: CTVolume) -> ScanResult:
+        """Find the candidates of a whole scan."""
+        t = time.perf_counter()
+        region = self.region(volume)
+        lung_s = time.perf_counter() - t
+        hu = volume.hu[region.index()]
+        result = self.run(hu, volume.geometry.crop(region.start_zyx, region.shape_zyx), region)
+        result.timings = {"lung_mask_s": lung_s, **result.timings}
+        return result
+
+    def run(self, hu: np.ndarray, geometry: Geometry, region: ScanRegion) -> ScanResult:
+        """Find the candidates of a scan region.
+
+        Args:
+            hu: (z, y, x) HU of the region (an array or a memory map).
+            geometry: the region's geometry.
+            region: where it lies in the scan, and its lung slices.
+        """
+        s = self.settings
+        timings: dict[str, float] = {}
+        detections: list[SliceDetections] = []
+        candidates: list[Candidate] = []
+        if region.lung_slices:
+            before = dict(self.detector.timings)
+            t = time.perf_counter()
+            detections = self.detector.detect(hu, geometry, region.lung_slices)
+            timings["slices_and_detector_s"] = time.perf_counter() - t
+            timings["slice_preparation_s"] = self.detector.timings["prepare_s"] - before["prepare_s"]
+            timings["detector_s"] = self.detector.timings["model_s"] - before["model_s"]
+            t = time.perf_counter()
+            merged = merge_slices(detections, geometry, s.link_mm, s.min_score)[: s.max_candidates]
+            candidates = [c.moved(region.start_zyx) for c in merged]
+            timings["merge_3d_s"] = time.perf_counter() - t
+        return ScanResult(candidates, detections, region, timings, s.score_threshold)
+
+
+def candidates_table(results: dict[str, list[Candidate]]) -> Findings:
+    """Every scan's candidates as LUNA16 rows (seriesuid, world x, y, z, probability)."""
+    rows = [(name, c) for name, cands in results.items() for c in cands]
+    return Findings(np.array([n for n, _ in rows], dtype=str),
+                    np.array([c.world_xyz for _, c in rows], dtype=float).reshape(-1, 3),
+                    np.array([c.probability for _, c in rows], dtype=float))
