@@ -259,3 +259,10 @@ def test_describe_attention_names_the_form():
     assert describe_attention("ccapm") == "ccapm (form 'hou', combine 'add', chan_embed 'y')"
     assert describe_attention("ccasm", form="paper") == "ccasm (form 'paper', combine 'outer')"
     assert describe_attention("se") == "se" and describe_attention(None) == "none"
+
+
+def test_describe_attention_of_a_built_module():
+    from noduledet.models.attention import describe_attention
+
+    assert describe_attention(CCASM(32, form="paper")) == "ccasm (form 'paper', combine 'outer')"
+    assert describe_attention(SpatialChannel(16)) == "SpatialChannel" and describe_attention(nn.Identity()) == "none"

@@ -383,22 +383,22 @@ ATTENTIONS: dict[str, type[nn.Module] | None] = {
 }
 
 
-def describe_attention(name: str | None, **options) -> str:
-    """One line naming the attention and, for ccapm/ccasm, its form and options.
+def describe_attention(attention: str | None | nn.Module, **options) -> str:
+    """One line naming an attention (a name with options, or a built module) and, for
+    ccapm/ccasm, its form and options.
 
     Example:
         >>> describe_attention("ccapm", form="paper")
         "ccapm (form 'paper', combine 'add', chan_embed 'xy')"
     """
-    module = build_attention(name, 8, **options)
+    module = attention if isinstance(attention, nn.Module) else build_attention(attention, 8, **options)
+    if isinstance(module, nn.Identity):
+        return "none"
+    name = {cls: n for n, cls in ATTENTIONS.items() if cls is not None}.get(type(module), type(module).__name__)
     if isinstance(module, (CCAPM, CCASM)):
-        extra = ", ".join(f"{k} {v!r}" for k, v in
-                          (("form", module.form), ("combine", module.combine),
-                           ("chan_embed", getattr(module, "chan_embed", None))) if v is not None)
-        return f"{name} ({extra})"
-    if options:
-        return f"{name} (" + ", ".join(f"{k} {v!r}" for k, v in sorted(options.items())) + ")"
-    return "none" if name is None else name
+        settings = (("form", module.form), ("combine", module.combine), ("chan_embed", getattr(module, "chan_embed", None)))
+        return f"{name} (" + ", ".join(f"{k} {v!r}" for k, v in settings if v is not None) + ")"
+    return name
 
 
 def build_attention(name: str | None, channels: int, **options) -> nn.Module:
