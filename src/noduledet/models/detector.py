@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
