@@ -243,7 +243,7 @@ class CCAPM(nn.Module):
 
     ``form="paper"``: eq 11-14 and Table 1 as written, per direction a gate E = sigmoid(Conv1(strip))
     (Conv1 a 1x1 conv C -> C), both strips channel-weighted, then concat, conv2d (1x1, C -> C),
-    BatchNorm, split, sigmoid and ADD::
+    BatchNorm, split, sigmoid and ADD (E_w is the paper's E_x, E_h its E_y)::
 
         E_w = sigmoid(Conv1_w(mean_H F)) (B,C,1,W);  E_h = sigmoid(Conv1_h(mean_W F)) (B,C,H,1)
         F_w = E_w * s * mean_H F;  F_h = E_h * s * mean_W F     # eq 11-12: Pool_avg(E x F_c)
