@@ -43,6 +43,8 @@ def timed(fn, repeats: int) -> float:
 
 def bench(variant: str, size: int, batch: int, repeats: int) -> dict:
     dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # else a row's peak_gb is the largest of every row so far
     model = build_detector(variant, "paper").to(dev).to(memory_format=torch.channels_last).eval()
     one = [torch.rand(3, size, size, device=dev)]
     many = [torch.rand(3, size, size, device=dev) for _ in range(batch)]

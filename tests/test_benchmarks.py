@@ -36,3 +36,36 @@ def test_overhead_of_a_model_against_itself_is_one():
 def test_matmul_rate_is_the_rate_of_a_known_product():
     rate = matmul_gflops(n=256, repeats=3)
     assert 0.5 < rate < 1e5  # GFLOP/s of 2 n^3 flops: between a slow laptop and a large GPU
+
+
+def test_table3_gpu_script_help_and_no_gpu_refusal(monkeypatch, capsys):
+    import bench_table3_gpu
+
+    with pytest.raises(SystemExit) as exc:
+        bench_table3_gpu.main(["--help"])
+    assert exc.value.code == 0 and "--minutes" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_table3_gpu.main(["--minutes", "0.01"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA GPU" in err
+
+
+def test_table3_gpu_training_loop_runs_on_cpu():
+    """The script's loop on the tiny preset, CPU, fp32, two timed steps: what the GPU run executes."""
+    import random
+
+    import torch
+    from bench_table3_gpu import loss_curve, synthetic_batch, train_for
+
+    from noduledet.models import build_detector
+
+    images, targets = synthetic_batch(3, 64, random.Random(1), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert [im.shape for im in images] == [(3, 64, 64)] * 3 and all(0 <= im.min() and im.max() <= 1 for im in images)
+    for t in targets:
+        b = t["boxes"]
+        assert b.shape[1] == 4 and (b[:, 2:] > b[:, :2]).all() and (b >= 0).all() and (b <= 64).all()
+    model = build_detector("ccapm", neck="c4")
+    r = train_for(model, torch.device("cpu"), seconds=60, batch=2, size=64, amp=False, max_steps=2, warmup_steps=1)
+    assert r["steps"] == 2 and len(r["losses"]) == 3 and r["images_per_s"] > 0
+    assert all(torch.isfinite(torch.tensor(r["losses"]))) and "loss_objectness" in r["last_terms"]
+    assert loss_curve([4.0, 2.0, 1.0, 1.0], points=2) == [(2, 3.0), (4, 1.0)]

@@ -157,3 +157,73 @@ def test_outputs_do_not_depend_on_the_first_image_seen():
     torch.testing.assert_close(first_large["boxes"], first_small["boxes"])
     torch.testing.assert_close(first_large["scores"], first_small["scores"])
     assert a.roi_heads.box_roi_pool.scales == [0.25, 0.125, 0.0625, 0.03125]
+
+
+# --- neck "c4": the Table 3 carrier without the pyramid ------------------------------------
+
+def _has_fpn(model) -> bool:
+    return any(isinstance(m, torchvision.ops.FeaturePyramidNetwork) for m in model.modules())
+
+
+@pytest.mark.parametrize("variant", ["ccapm", "res", "vgg16", "mobilenet-v3-large"])
+def test_c4_trains_with_an_empty_target_and_infers(variant):
+    model = build_detector(variant, neck="c4")
+    assert not _has_fpn(model) and _has_fpn(build_detector(variant))
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)]
+    losses = model.train()(images, [_target([[10, 12, 30, 28]]), _target([])])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert build_detector(variant, neck="c4").train()([images[1]], [_target([])])["loss_box_reg"] == 0
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, SIZE, SIZE + 8)])[0]
+    assert set(out) == {"boxes", "scores", "labels"} and out["boxes"].shape[1] == 4
+    assert out["scores"].shape == out["labels"].shape == out["boxes"].shape[:1]
+
+
+def test_c4_resnet_pools_one_stride_16_map_and_runs_layer4_per_roi():
+    from noduledet.models.detector import Res5Head
+
+    model = build_detector("ccapm", neck="c4").eval()
+    feats = model.backbone(torch.rand(1, 3, SIZE, SIZE))
+    assert list(feats) == ["0"] and feats["0"].shape[-2:] == (SIZE // 16, SIZE // 16)
+    assert not hasattr(model.backbone.body, "layer4") and isinstance(model.roi_heads.box_head, Res5Head)
+    assert model.roi_heads.box_roi_pool.scales == [1 / 16]
+    assert model.rpn.anchor_generator.sizes == (PRESETS["tiny"].c4_anchor_sizes,)
+    blocks = [m for m in model.modules() if type(m).__name__ == "CCAPM"]
+    assert len(blocks) == 8  # every block of ResNet-18 keeps its attention, layer4's in the head
+
+
+def test_c4_every_parameter_gets_a_gradient_with_masks():
+    model = build_detector("ccasm", neck="c4", masks=True).train()
+    losses = model([torch.rand(3, SIZE, SIZE)], [_mask_target([[8, 8, 40, 36]])])
+    assert "loss_mask" in losses
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    with torch.no_grad():
+        assert model.eval()([torch.rand(3, SIZE, SIZE)])[0]["masks"].shape[1:] == (1, SIZE, SIZE)
+
+
+def test_neck_round_trips_and_bad_neck_is_named():
+    a = build_detector("vgg16", neck="c4", c4_anchor_sizes=[16, 32])
+    spec = DetectorSpec.from_dict(a.spec.to_dict())
+    assert (spec.neck, spec.c4_anchor_sizes) == ("c4", (16, 32))
+    build_from_spec("vgg16", spec).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"neck='c5'; choose from \['fpn', 'c4'\]"):
+        build_detector("res", neck="c5")
+
+
+def test_paper_necks_follow_the_tables():
+    from noduledet.models.detector import paper_neck
+
+    assert {paper_neck(3, v) for v in TABLES[3]} == {"c4"}
+    assert [v for v in TABLES[4] if paper_neck(4, v) == "c4"] == ["vgg16"]
+
+
+def test_describe_variant_shows_form_and_neck():
+    from noduledet.models.detector import describe_variant
+
+    line = describe_variant("ccasm", attention_options={"form": "paper"}, neck="c4")
+    assert line.startswith("ccasm: ResNet-18 x0.25, attention ccasm (form 'paper'") and "neck c4" in line
+    assert "attention none" in describe_variant("res") and "neck fpn" in describe_variant("res")
+    assert describe_variant("ccapm", "paper").startswith("ccapm: ResNet-50 x1, attention ccapm (form 'hou'")

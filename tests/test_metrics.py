@@ -170,3 +170,100 @@ def test_bootstrap_interval_brackets_the_estimate():
 def test_curve_is_monotone():
     fps, sens = froc_curve([scan_outcome(ANN.for_scan(u), EXC.for_scan(u), CAND.for_scan(u)) for u in "AB"])
     assert (np.diff(fps) >= 0).all() and (np.diff(sens) >= 0).all() and len(FP_RATES) == 7
+
+
+# --- the paper's own definitions: AP (eq 25) and set Jaccard (eq 26) -----------------------
+
+def test_paper_ap_by_hand_is_not_interpolated():
+    from noduledet.metrics.coco import paper_ap
+
+    # the case of test_ap_by_hand, 2 reference boxes, ranked FP (0.95), TP (0.9), TP (0.6):
+    # rank 1: R 0,   P 0   -> dR 0
+    # rank 2: R 1/2, P 1/2 -> 1/2 * 1/2 = 1/4
+    # rank 3: R 1,   P 2/3 -> 1/2 * 2/3 = 1/3        AP = 1/4 + 1/3 = 7/12 (COCO's envelope: 2/3)
+    preds = [_p([[0, 0, 10, 10]], [0.9]), _p([[50, 50, 60, 60], [0, 0, 10, 10]], [0.95, 0.6])]
+    targets = [_t([[0, 0, 10, 10]]), _t([[0, 0, 10, 10]])]
+    assert paper_ap(preds, targets) == pytest.approx(7 / 12)
+    m = slice_metrics(preds, targets)
+    assert m["ap_paper"] == pytest.approx(7 / 12) and m["ap_paper_iou"] == 0.5 and m["ap50"] > m["ap_paper"]
+
+
+def test_paper_ap_with_a_missed_box_and_an_iou_threshold():
+    from noduledet.metrics.coco import paper_ap
+
+    # 3 reference boxes; TP (0.9), FP (0.8), TP (0.7); the third box never found:
+    # 1/3 * 1 + 0 + 1/3 * 2/3 = 5/9
+    preds = [_p([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.8]), _p([[0, 0, 10, 8]], [0.7])]
+    targets = [_t([[0, 0, 10, 10], [80, 80, 90, 90]]), _t([[0, 0, 10, 10]])]
+    assert paper_ap(preds, targets) == pytest.approx(5 / 9)
+    # at IoU 0.9 the 0.7 box (IoU 0.8) is a false positive: 1/3 * 1 = 1/3
+    assert paper_ap(preds, targets, iou_threshold=0.9) == pytest.approx(1 / 3)
+    assert slice_metrics(preds, targets, iou_threshold=0.9)["ap_paper"] == pytest.approx(1 / 3)
+
+
+def test_paper_ap_ties_are_one_rank_and_edge_cases():
+    from noduledet.metrics.coco import average_precision
+
+    # a TP and an FP of equal score: one rank with P 1/2, R 1 -> AP 1/2 in either order
+    assert average_precision([0.9, 0.9], [True, False], 1) == 0.5
+    assert average_precision([0.9, 0.9], [False, True], 1) == 0.5
+    assert average_precision([], [], 2) == 0.0 and np.isnan(average_precision([0.5], [False], 0))
+
+
+def test_region_overlap_exact_and_against_rasterisation():
+    from noduledet.metrics.coco import region_overlap
+
+    # two overlapping predictions: union 100 + 100 - 25 = 175, the reference inside the first
+    assert region_overlap([[0, 0, 10, 10], [5, 5, 15, 15]], [[0, 0, 10, 10]]) == (100.0, 175.0)
+    # fractional: [0.5, 2.5] x [0, 1] against the unit square: 0.5 in both, 2 + 1 - 0.5 in either
+    assert region_overlap([[0.5, 0, 2.5, 1]], [[0, 0, 1, 1]]) == (0.5, 2.5)
+    assert region_overlap(np.zeros((0, 4)), np.zeros((0, 4))) == (0.0, 0.0)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = (np.sort(rng.integers(0, 30, size=(n, 2, 2)), axis=1).transpose(0, 2, 1).reshape(n, 4)[:, [0, 2, 1, 3]]
+                for n in (3, 2))
+        grid_a, grid_b = np.zeros((30, 30), bool), np.zeros((30, 30), bool)
+        for grid, boxes in ((grid_a, a), (grid_b, b)):
+            for x1, y1, x2, y2 in boxes:
+                grid[y1:y2, x1:x2] = True
+        assert region_overlap(a, b) == ((grid_a & grid_b).sum(), (grid_a | grid_b).sum())
+
+
+def test_set_jaccard_by_hand_over_slices():
+    from noduledet.metrics.coco import set_jaccard
+
+    # slice 1: prediction [0,10]x[0,10] vs reference [5,15]x[0,10]: A and B 50, A or B 150
+    # slice 2: a false positive of 4x4 = 16 (and one of score 0.2, below the operating point)
+    # slice 3: a missed reference of 2x5 = 10          Jaccard = 50 / (150 + 16 + 10) = 50/176
+    preds = [_p([[0, 0, 10, 10]], [0.9]), _p([[0, 0, 4, 4], [20, 20, 40, 40]], [0.6, 0.2]), _p([], [])]
+    targets = [_t([[5, 0, 15, 10]]), _t([]), _t([[0, 0, 2, 5]])]
+    assert set_jaccard(preds, targets) == pytest.approx(50 / 176)
+    assert slice_metrics(preds, targets)["jaccard_set"] == pytest.approx(50 / 176)
+    # at threshold 0.1 the 20x20 box joins A: 50 / (176 + 400)
+    assert set_jaccard(preds, targets, score_threshold=0.1) == pytest.approx(50 / 576)
+    assert np.isnan(set_jaccard([_p([], [])], [_t([])]))
+
+
+def test_set_jaccard_on_masks():
+    from noduledet.metrics.coco import set_jaccard
+
+    # two predicted masks of 16 px overlapping in 4 px: A = 28 px; B (8 px) lies inside A: 8 / 28
+    pm = np.zeros((2, 1, 8, 8), np.float32)
+    pm[0, 0, :4, :4], pm[1, 0, 2:6, 2:6] = 1, 1
+    tm = np.zeros((1, 8, 8), np.uint8)
+    tm[0, :4, :2] = 1
+    p = {**_p([[0, 0, 4, 4], [2, 2, 6, 6]], [0.9, 0.8]), "masks": pm}
+    t = {**_t([[0, 0, 2, 4]]), "masks": tm}
+    empty = ({**_p([], []), "masks": np.zeros((0, 1, 8, 8))}, {**_t([]), "masks": np.zeros((0, 8, 8))})
+    assert set_jaccard([p, empty[0]], [t, empty[1]], masks=True) == pytest.approx(8 / 28)
+    m = slice_metrics([p, empty[0]], [t, empty[1]])
+    assert m["jaccard_set_mask"] == pytest.approx(8 / 28)
+    assert np.isnan(slice_metrics([_p([], [])], [_t([[0, 0, 2, 2]])])["jaccard_set_mask"])
+
+
+def test_slice_metrics_keeps_its_keys_and_adds_the_paper_ones():
+    m = slice_metrics([_p([[0, 0, 10, 10]], [0.9])], [_t([[0, 0, 10, 10]])])
+    old = {"ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard", "jaccard_mask", "tp", "fp", "fn",
+           "slices", "score_threshold", "iou_threshold"}
+    assert set(m) == old | {"ap_paper", "ap_paper_iou", "jaccard_set", "jaccard_set_mask"}
+    assert (m["ap_paper"], m["jaccard_set"]) == (1.0, 1.0)

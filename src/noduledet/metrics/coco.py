@@ -12,6 +12,19 @@ Every slice evaluated is one image; nodule cross-sections are the single class.
 - **Jaccard** = the mean IoU of the matched true positives (box IoU; mask IoU as
   ``jaccard_mask`` when masks are given).
 
+The paper's own definitions, beside these (``ap_paper``, ``jaccard_set``):
+
+- **AP, eq 25** (``paper_ap``): the detections of all slices ranked by score, each a true
+  positive when matched as above at IoU >= ``iou_threshold`` (the paper does not state one;
+  0.5 by default, reported as ``ap_paper_iou``); AP = sum_n (R_n - R_{n-1}) * P_n over the
+  ranks, not interpolated (COCO's AP takes the best precision at any higher recall, at 101
+  recall points, so it is never lower). Detections of equal score form one rank.
+- **Jaccard, eq 26** (``set_jaccard``): |A and B| / |A or B| with A the region the detections
+  kept at the operating point cover and B the region the reference covers: the union of the
+  boxes (exact areas) or of the masks. A and B are taken over all slices together (each
+  slice's pixels are distinct elements), so a slice with only a false positive adds to the
+  union and a large nodule weighs more than a small one, as the formula says for sets.
+
 The paper reports Jaccard and F1 in percent and mAP, Recall as fractions; here all are in [0, 1].
 """
 
@@ -94,7 +107,9 @@ def slice_metrics(predictions: list[dict], targets: list[dict], score_threshold:
 
     Returns:
         dict with ap50 (mAP), ap (0.5:0.95), ap10, recall, precision, f1, jaccard, jaccard_mask
-        (NaN without masks), tp, fp, fn, slices.
+        (NaN without masks), tp, fp, fn, slices, and the paper's own definitions: ap_paper (eq 25
+        at IoU ``ap_paper_iou`` = ``iou_threshold``), jaccard_set (eq 26 on boxes at
+        ``score_threshold``) and jaccard_set_mask (on masks; NaN unless every slice has masks).
     """
     ious = np.concatenate([[0.1], AP_IOUS])
     ap = _coco_ap(predictions, targets, ious)
@@ -126,11 +141,19 @@ def slice_metrics(predictions: list[dict], targets: list[dict], score_threshold:
         "jaccard_mask": float(np.mean(mask_ious)) if mask_ious else float("nan"),
         "tp": tp, "fp": fp, "fn": fn, "slices": len(targets),
         "score_threshold": score_threshold, "iou_threshold": iou_threshold,
+        "ap_paper": paper_ap(predictions, targets, iou_threshold), "ap_paper_iou": iou_threshold,
+        "jaccard_set": set_jaccard(predictions, targets, score_threshold),
+        "jaccard_set_mask": (set_jaccard(predictions, targets, score_threshold, masks=True)
+                             if all("masks" in d for d in [*predictions, *targets]) else float("nan")),
     }
 
 
-def pr_curve(predictions: list[dict], targets: list[dict], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall as the score threshold falls through every detection."""
+def ranked_hits(predictions: list[dict], targets: list[dict], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every detection's score and whether it is a true positive (``match`` per slice), unsorted.
+
+    Returns:
+        scores (N,), hits (N,) bool, and the number of reference boxes.
+    """
     scores, hits = [], []
     n_gt = 0
     for p, t in zip(predictions, targets):
@@ -142,8 +165,107 @@ def pr_curve(predictions: list[dict], targets: list[dict], iou_threshold: float 
         hit[pairs[:, 0]] = True
         scores += ps.tolist()
         hits += hit.tolist()
-    order = np.argsort(-np.array(scores), kind="stable")
-    hits_sorted = np.array(hits, dtype=float)[order]
+    return np.array(scores, dtype=float), np.array(hits, dtype=bool), n_gt
+
+
+def average_precision(scores: np.ndarray, hits: np.ndarray, n_gt: int) -> float:
+    """The paper's AP (eq 25): sum over ranks of (R_n - R_{n-1}) * P_n, not interpolated.
+
+    Detections are ranked by falling score; detections of equal score are one rank (precision
+    and recall read after all of them), so the value does not depend on their order.
+
+    Args:
+        scores: (N,) detection scores; hits: (N,) true positive or not; n_gt: reference boxes.
+
+    Returns:
+        AP in [0, 1]; NaN when ``n_gt`` is 0.
+    """
+    if n_gt == 0:
+        return float("nan")
+    scores, hits = np.asarray(scores, dtype=float).reshape(-1), np.asarray(hits, dtype=bool).reshape(-1)
+    if not len(scores):
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(hits[order])
+    last = np.flatnonzero(np.append(np.diff(scores[order]) != 0, True))  # the end of each rank
+    precision, recall = tp[last] / (last + 1), tp[last] / n_gt
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def paper_ap(predictions: list[dict], targets: list[dict], iou_threshold: float = 0.5) -> float:
+    """The paper's AP (eq 25) over slices: ``average_precision`` of ``ranked_hits``."""
+    return average_precision(*ranked_hits(predictions, targets, iou_threshold))
+
+
+def _covered(boxes: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(len(ys) - 1, len(xs) - 1) bool: the grid cell between consecutive edges lies in a box."""
+    cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
+    b = boxes[:, :, None, None]
+    inside = (b[:, 0] <= cx[None, None, :]) & (cx[None, None, :] < b[:, 2]) & \
+             (b[:, 1] <= cy[None, :, None]) & (cy[None, :, None] < b[:, 3])  # (K, ny, nx)
+    return inside.any(0)
+
+
+def region_overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Exact areas (px^2) of (union of boxes a) and (union of boxes b), and of their union.
+
+    The box edges cut the plane into a grid of cells, each wholly in or out of every box.
+
+    Args:
+        a: (N, 4), b: (M, 4) boxes x1, y1, x2, y2.
+
+    Returns:
+        (intersection area, union area).
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    both = np.concatenate([a, b])
+    if not len(both):
+        return 0.0, 0.0
+    xs, ys = np.unique(both[:, [0, 2]]), np.unique(both[:, [1, 3]])
+    cells = np.outer(np.diff(ys), np.diff(xs))  # (ny, nx) areas
+    in_a, in_b = _covered(a, xs, ys), _covered(b, xs, ys)
+    return float(cells[in_a & in_b].sum()), float(cells[in_a | in_b].sum())
+
+
+def _mask_union(masks) -> np.ndarray:
+    """(H, W) bool: the pixels inside any of the masks (N, H, W) or (N, 1, H, W), N may be 0."""
+    m = np.asarray(masks).astype(bool)
+    return m.reshape(-1, *m.shape[-2:]).any(0)
+
+
+def set_jaccard(predictions: list[dict], targets: list[dict], score_threshold: float = 0.5,
+                masks: bool = False) -> float:
+    """The paper's Jaccard (eq 26): |A and B| / |A or B| over all slices at the operating point.
+
+    Args:
+        predictions: per slice ``boxes`` (N, 4), ``scores`` (N,) and, with ``masks``, ``masks``
+            (N, H, W) or (N, 1, H, W), nonzero = inside (N may be 0; H, W must be there).
+        targets: per slice ``boxes`` (M, 4) and, with ``masks``, ``masks`` (M, H, W).
+        score_threshold: detections with a lower score are not in A.
+        masks: A and B from the masks (pixels) rather than the boxes (exact areas).
+
+    Returns:
+        sum of |A and B| over sum of |A or B|; NaN when both regions are empty everywhere.
+    """
+    inter = union = 0.0
+    for p, t in zip(predictions, targets):
+        keep = np.asarray(p["scores"]).reshape(-1) >= score_threshold
+        if masks:
+            pm, tm = _mask_union(np.asarray(p["masks"])[keep]), _mask_union(t["masks"])
+            inter += float(np.logical_and(pm, tm).sum())
+            union += float(np.logical_or(pm, tm).sum())
+        else:
+            i, u = region_overlap(np.asarray(p["boxes"]).reshape(-1, 4)[keep], t["boxes"])
+            inter, union = inter + i, union + u
+    return inter / union if union else float("nan")
+
+
+def pr_curve(predictions: list[dict], targets: list[dict], iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall as the score threshold falls through every detection."""
+    scores, hits, n_gt = ranked_hits(predictions, targets, iou_threshold)
+    order = np.argsort(-scores, kind="stable")
+    hits_sorted = hits.astype(float)[order]
     tp = np.cumsum(hits_sorted)
     precision = tp / np.arange(1, len(tp) + 1)
     recall = tp / max(n_gt, 1)

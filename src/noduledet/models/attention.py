@@ -12,11 +12,16 @@ only thing that differs:
 - BatchNorm only where its statistics cover more than one value per channel (the coordinate
   strips and the CBAM spatial map), so that batch 1 trains.
 
-The channel-coordinate fusions follow the paper (Zhao, Zhao & Ahn, Traitement du Signal 2024)
-as resolved in DESIGN.md::
+The channel-coordinate fusions of the paper (Zhao, Zhao & Ahn, Traitement du Signal 2024) come
+in two forms (``form``; docs/model.md gives both sets of equations and the reading of the OCR):
+
+- "hou" (default): the reading of DESIGN.md, built on Hou et al.'s coordinate-attention core::
 
     CCAPM(F): s = ChannelGate(F); ax, ay = CoordCore(mean_W F, s * mean_H F); F * (ax + ay)
     CCASM(F): ax, ay = CoordCore(mean_W F, mean_H F); A = F * ax * ay; A * ChannelGate(A)
+
+- "paper": the paper's eq 11-18 as written: a sigmoid(Conv1) gate per direction, full-width
+  (C -> C) 1x1 convs where the paper names a convolution, no coordinate core.
 """
 
 from __future__ import annotations
@@ -211,23 +216,65 @@ class CoordAttention(nn.Module):
         return x * ax * ay
 
 
+FORMS = ("hou", "paper")
+
+
+def _gate_conv(channels: int) -> nn.Conv2d:
+    """The paper's Conv1 / conv2d: a 1x1 conv C -> C without bias (one gate value per channel)."""
+    return nn.Conv2d(channels, channels, 1, bias=False)
+
+
+def _conv_strip(conv: nn.Conv2d, z: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv on strips (B, C, L): the 2D conv's arithmetic as conv1d, which is faster."""
+    return F.conv1d(z, conv.weight.flatten(2))
+
+
 class CCAPM(nn.Module):
     """Channel-coordinate attention, parallel mechanism (the paper's CCAPM).
 
-    The channel weights are embedded into the coordinate strips before the shared coordinate
-    embedding, so both attentions are computed from the same input in parallel.
+    Both forms embed the channel weights into the coordinate strips, so the two attentions are
+    computed from the same input in parallel, and return F * (gain along H + gain along W).
+
+    ``form="hou"`` (default): the strips go through Hou et al.'s coordinate core (shared 1x1
+    conv to m channels, BatchNorm, h-swish, split, a 1x1 conv back to C per direction,
+    sigmoid); the channel weights s sit on the W strip (``chan_embed="y"``)::
+
+        ax, ay = CoordCore(mean_W F, s * mean_H F);  F * (ax + ay)
+
+    ``form="paper"``: eq 11-14 and Table 1 as written, per direction a gate E = sigmoid(Conv1(strip))
+    (Conv1 a 1x1 conv C -> C), both strips channel-weighted, then concat, conv2d (1x1, C -> C),
+    BatchNorm, split, sigmoid and ADD (E_w is the paper's E_x, E_h its E_y)::
+
+        E_w = sigmoid(Conv1_w(mean_H F)) (B,C,1,W);  E_h = sigmoid(Conv1_h(mean_W F)) (B,C,H,1)
+        F_w = E_w * s * mean_H F;  F_h = E_h * s * mean_W F     # eq 11-12: Pool_avg(E x F_c)
+        a_h, a_w = split(BN(conv2d(cat[F_h, F_w^T])), [H, W])    # eq 13
+        F * (sigmoid(a_h) + sigmoid(a_w))                        # ADD; eq 14's + F is the block's
 
     Args:
         channels: C.
-        combine: "add" (the paper's ADD, F * (ax + ay)) or "mul" (coordinate attention's
-            F * ax * ay).
-        chan_embed: which strips carry the channel weights: "y" (the W strip, default), "xy"
-            (both) or "" (none: then CCAPM with combine="mul" is coordinate attention).
+        form: "hou" or "paper".
+        combine: form "hou" only: "add" (default, the paper's ADD, F * (ax + ay)) or "mul"
+            (coordinate attention's F * ax * ay).
+        chan_embed: form "hou" only: which strips carry the channel weights: "y" (the W strip,
+            default), "xy" (both) or "" (none: then with combine="mul" it is coordinate attention).
         reduction: channel-MLP reduction.
     """
 
-    def __init__(self, channels: int, combine: str = "add", chan_embed: str = "y", reduction: int = 16):
+    def __init__(self, channels: int, form: str = "hou", combine: str | None = None,
+                 chan_embed: str | None = None, reduction: int = 16):
         super().__init__()
+        _check_choice("form", form, FORMS)
+        self.form = form
+        if form == "paper":
+            _refuse_hou_options(combine=combine, chan_embed=chan_embed)
+            self.combine, self.chan_embed = "add", "xy"
+            self.gate = ChannelGate(channels, reduction)
+            self.conv_h, self.conv_w = _gate_conv(channels), _gate_conv(channels)  # Conv1 of E_y, E_x
+            self.fuse = _gate_conv(channels)  # eq 13's conv2d
+            self.bn = nn.BatchNorm2d(channels)
+            return
+        combine = "add" if combine is None else combine
+        chan_embed = "y" if chan_embed is None else chan_embed
         _check_choice("combine", combine, ("add", "mul"))
         _check_choice("chan_embed", chan_embed, ("y", "xy", ""))
         self.combine, self.chan_embed = combine, chan_embed
@@ -235,6 +282,9 @@ class CCAPM(nn.Module):
         self.core = CoordCore(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._paper(x) if self.form == "paper" else self._hou(x)
+
+    def _hou(self, x: torch.Tensor) -> torch.Tensor:
         zx, zy = _strips(x)
         if self.gate is not None:
             s = self.gate(x)  # (B, C, 1, 1)
@@ -244,29 +294,81 @@ class CCAPM(nn.Module):
         ax, ay = self.core(zx, zy)
         return _combine(x, ax, ay, self.combine)
 
+    def _paper(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s = self.gate(x).view(b, c, 1)
+        zh, zw = x.mean(dim=3), x.mean(dim=2)  # (B, C, H) pooled along W, (B, C, W) along H
+        fh = torch.sigmoid(_conv_strip(self.conv_h, zh)) * s * zh  # E_h * mean_W(F_c)
+        fw = torch.sigmoid(_conv_strip(self.conv_w, zw)) * s * zw  # E_w * mean_H(F_c)
+        z = _conv_strip(self.fuse, torch.cat([fh, fw], dim=2))  # (B, C, H+W)
+        ah, aw = torch.split(self.bn(z.unsqueeze(3)).squeeze(3), [h, w], dim=2)
+        return x * (torch.sigmoid(ah).view(b, c, h, 1) + torch.sigmoid(aw).view(b, c, 1, w))
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, combine={self.combine!r}, chan_embed={self.chan_embed!r}"
+
 
 class CCASM(nn.Module):
     """Channel-coordinate attention, serial mechanism (the paper's CCASM).
 
     Coordinate attention first, channel attention on its output.
 
+    ``form="hou"`` (default): Hou et al.'s coordinate attention, then CBAM's channel gate::
+
+        ax, ay = CoordCore(mean_W F, mean_H F);  A = F * ax * ay;  A * ChannelGate(A)
+
+    ``form="paper"``: eq 15-18, Fig. 2 and Table 2 as written: the outer product of the two
+    per-direction gates, conv2d (1x1, C -> C), BatchNorm, non-linearity (h-swish), channel
+    attention, sigmoid; the map weights F::
+
+        A = sigmoid(Conv1_h(mean_W F)) (B,C,H,1) x sigmoid(Conv1_w(mean_H F)) (B,C,1,W)  # eq 15
+        G = hswish(BN(conv2d(A)))                                                        # eq 16
+        F * sigmoid(G * ChannelGate(G))                                                  # eq 17
+
     Args:
         channels: C.
-        combine: how the two coordinate maps weight F: "mul" (default, Hou et al.) or "add".
+        form: "hou" or "paper".
+        combine: form "hou" only: how the two coordinate maps weight F: "mul" (default, Hou et
+            al.) or "add".
         reduction: channel-MLP reduction.
     """
 
-    def __init__(self, channels: int, combine: str = "mul", reduction: int = 16):
+    def __init__(self, channels: int, form: str = "hou", combine: str | None = None, reduction: int = 16):
         super().__init__()
-        _check_choice("combine", combine, ("add", "mul"))
-        self.combine = combine
-        self.core = CoordCore(channels)
+        _check_choice("form", form, FORMS)
+        self.form = form
+        if form == "paper":
+            _refuse_hou_options(combine=combine)
+            self.combine = "outer"
+            self.conv_h, self.conv_w = _gate_conv(channels), _gate_conv(channels)  # Conv1 of eq 15
+            self.fuse = _gate_conv(channels)  # eq 16's Conv2d
+            self.bn = nn.BatchNorm2d(channels)
+            self.act = nn.Hardswish()
+        else:
+            combine = "mul" if combine is None else combine
+            _check_choice("combine", combine, ("add", "mul"))
+            self.combine = combine
+            self.core = CoordCore(channels)
         self.gate = ChannelGate(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "paper":
+            zh, zw = _strips(x)
+            a = torch.sigmoid(self.conv_h(zh)) * torch.sigmoid(self.conv_w(zw))  # (B, C, H, W), eq 15
+            g = self.act(self.bn(self.fuse(a)))  # eq 16
+            return x * torch.sigmoid(g * self.gate(g))  # eq 17
         ax, ay = self.core(*_strips(x))
         a = _combine(x, ax, ay, self.combine)
         return a * self.gate(a)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, combine={self.combine!r}"
+
+
+def _refuse_hou_options(**options) -> None:
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise ValueError(f"form='paper' fixes {given} (the paper's equations); they apply to form='hou' only")
 
 
 ATTENTIONS: dict[str, type[nn.Module] | None] = {
@@ -281,13 +383,31 @@ ATTENTIONS: dict[str, type[nn.Module] | None] = {
 }
 
 
+def describe_attention(attention: str | None | nn.Module, **options) -> str:
+    """One line naming an attention (a name with options, or a built module) and, for
+    ccapm/ccasm, its form and options.
+
+    Example:
+        >>> describe_attention("ccapm", form="paper")
+        "ccapm (form 'paper', combine 'add', chan_embed 'xy')"
+    """
+    module = attention if isinstance(attention, nn.Module) else build_attention(attention, 8, **options)
+    if isinstance(module, nn.Identity):
+        return "none"
+    name = {cls: n for n, cls in ATTENTIONS.items() if cls is not None}.get(type(module), type(module).__name__)
+    if isinstance(module, (CCAPM, CCASM)):
+        settings = (("form", module.form), ("combine", module.combine), ("chan_embed", getattr(module, "chan_embed", None)))
+        return f"{name} (" + ", ".join(f"{k} {v!r}" for k, v in settings if v is not None) + ")"
+    return name
+
+
 def build_attention(name: str | None, channels: int, **options) -> nn.Module:
     """Build the attention module ``name`` for ``channels`` channels.
 
     Args:
         name: one of ``ATTENTIONS``; ``None`` or "none" gives ``nn.Identity``.
         channels: C of the (B, C, H, W) input.
-        **options: passed to the module (e.g. ``combine``, ``chan_embed``, ``reduction``).
+        **options: passed to the module (e.g. ``form``, ``combine``, ``chan_embed``, ``reduction``).
 
     Returns:
         A module mapping (B, C, H, W) -> (B, C, H, W).

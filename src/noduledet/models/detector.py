@@ -5,7 +5,9 @@ Table 3 of the paper compares attention modules on one ResNet carrier (``res``, 
 compares backbones (``vgg16``, ``resnet18``, ``resnet50``, ``efficientnet-b0``,
 ``mobilenet-v3-large`` and the three attention ResNets). Every variant is a backbone
 returning four maps at strides 4, 8, 16, 32, a feature pyramid (P2..P5 plus a max-pooled P6),
-an RPN on every level and RoI heads, built with torchvision and no pretrained weights.
+an RPN on every level and RoI heads, built with torchvision and no pretrained weights. With
+``neck="c4"`` any variant is built without the pyramid instead: RPN and RoIAlign on the one map
+at stride 16 (``_c4_parts``), as the original Faster R-CNN ResNet and Fast R-CNN VGG detectors.
 
 Train/eval contract (torchvision's): in ``train()`` mode ``model(images, targets)`` returns a
 dict of losses; in ``eval()`` mode ``model(images)`` returns one dict per image with
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torchvision
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -69,6 +72,10 @@ class DetectorSpec:
     box_nms_thresh: float = 0.3
     box_detections_per_img: int = 20
     mask_layers: tuple[int, ...] = (64, 64)
+    # "fpn": the pyramid above (Table 4's model); "c4": one map at stride 16, no pyramid (the
+    # original Faster R-CNN ResNet design, Table 3's "ResNet as carrier"; VGG: Fast R-CNN's conv5_3)
+    neck: str = "fpn"
+    c4_anchor_sizes: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 64, 96)  # neck "c4": all on the one map
 
     def to_dict(self) -> dict:
         """Plain dict (lists for tuples) for configs and checkpoints."""
@@ -102,7 +109,7 @@ def _as_spec_fields(values: dict) -> dict:
     for key in ("anchor_sizes",):
         if key in out:
             out[key] = tuple(tuple(int(s) for s in level) for level in out[key])
-    for key in ("aspect_ratios", "mask_layers"):
+    for key in ("aspect_ratios", "mask_layers", "c4_anchor_sizes"):
         if key in out:
             out[key] = tuple(out[key])
     if "attention_options" in out:
@@ -232,6 +239,15 @@ TABLES: dict[int, tuple[str, ...]] = {
 }
 
 
+def paper_neck(table: int, variant: str) -> str:
+    """The neck the paper's protocol gives a row: Table 3 compares attention on "ResNet as
+    carrier" (no pyramid: "c4"); Table 4 compares "the pyramid model" ("fpn") with VGG as a
+    "Fast RCNN architecture" ("c4")."""
+    if variant not in TABLES.get(table, ()):
+        raise ValueError(f"variant {variant!r} is not in Table {table}")
+    return "c4" if table == 3 or variant == "vgg16" else "fpn"
+
+
 def same_network(variant: str, preset: str = "tiny") -> str:
     """The Table 3 variant that builds exactly ``variant``'s network at ``preset``, else ``variant``.
 
@@ -285,15 +301,82 @@ def _roi_align(output_size: int) -> MultiScaleRoIAlign:
     return pool
 
 
+NECKS = ("fpn", "c4")
+
+
+class SingleMap(nn.Module):
+    """``body`` up to its child ``layer``, returning {"0": that map}: the RPN's and RoIAlign's one
+    feature map when there is no pyramid."""
+
+    def __init__(self, body: nn.Module, layer: str, out_channels: int):
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, {layer: "0"})
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.body(x)
+
+
+class Res5Head(nn.Module):
+    """ResNet's last stage run on every RoI (14x14 -> 7x7), then averaged: the box head of
+    Faster R-CNN's ResNet C4 design (He et al. 2016), so every stage keeps its attention.
+
+    Returns:
+        (R, C5) features per RoI.
+    """
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x).mean(dim=(2, 3))
+
+
+def _roi_align_c4(output_size: int) -> MultiScaleRoIAlign:
+    """RoIAlign on the one stride-16 map, its scale set rather than inferred (see ``_roi_align``)."""
+    pool = MultiScaleRoIAlign(["0"], output_size, 2)
+    pool.scales = [1 / 16]
+    pool.map_levels = initLevelMapper(4, 4, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+    return pool
+
+
+def _c4_parts(body: nn.Module, return_layers: dict[str, str], channels: list[int], spec: DetectorSpec):
+    """Neck "c4": backbone to stride 16, anchors on that map, RoIAlign and box head.
+
+    ResNets: C4 (layer3) feeds the RPN and RoIAlign 14x14, layer4 is the box head (``Res5Head``).
+    Other bodies (VGG: conv5_3, as Fast R-CNN): the last layer at stride 16, RoIAlign 7x7 and
+    the two-layer MLP head (VGG's fc6/fc7).
+
+    Returns:
+        backbone, anchor generator, box RoI pool, box head, box head width, mask RoI pool.
+    """
+    anchors = AnchorGenerator((spec.c4_anchor_sizes,), (spec.aspect_ratios,))
+    if isinstance(body, AttnResNet):
+        stage = body.layer4
+        backbone = SingleMap(body, "layer3", channels[2])  # IntermediateLayerGetter drops layer4
+        return backbone, anchors, _roi_align_c4(14), Res5Head(stage), channels[3], _roi_align_c4(14)
+    layer = next(k for k, v in return_layers.items() if v == "2")  # the stride-16 tap
+    backbone = SingleMap(body, layer, channels[2])
+    box_head = TwoMLPHead(channels[2] * 7 * 7, spec.representation_size)
+    return backbone, anchors, _roi_align_c4(7), box_head, spec.representation_size, _roi_align_c4(14)
+
+
 def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
-    """Build ``variant`` with every setting taken from ``spec``."""
+    """Build ``variant`` with every setting taken from ``spec`` (``spec.neck`` picks FPN or C4)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    if spec.neck not in NECKS:
+        raise ValueError(f"neck={spec.neck!r}; choose from {list(NECKS)}")
     body, return_layers, channels = VARIANTS[variant](spec)
-    backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool())
-    anchors = AnchorGenerator(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes))
-    rpn_head = RPNHead(spec.fpn_channels, anchors.num_anchors_per_location()[0])
-    box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
+    if spec.neck == "c4":
+        backbone, anchors, box_pool, box_head, box_width, mask_pool = _c4_parts(body, return_layers, channels, spec)
+    else:
+        backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool())
+        anchors = AnchorGenerator(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes))
+        box_pool, box_width, mask_pool = _roi_align(7), spec.representation_size, _roi_align(14)
+        box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
+    rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     common = dict(
         num_classes=None,
         min_size=1, max_size=1, image_mean=[0.0], image_std=[1.0],  # replaced by CTTransform below
@@ -303,8 +386,8 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
         rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
-        box_roi_pool=_roi_align(7), box_head=box_head,
-        box_predictor=FastRCNNPredictor(spec.representation_size, spec.num_classes),
+        box_roi_pool=box_pool, box_head=box_head,
+        box_predictor=FastRCNNPredictor(box_width, spec.num_classes),
         box_score_thresh=spec.box_score_thresh, box_nms_thresh=spec.box_nms_thresh,
         box_detections_per_img=spec.box_detections_per_img,
         box_batch_size_per_image=spec.box_batch_size_per_image,
@@ -313,8 +396,8 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     if spec.masks:
         model = MaskRCNN(
             backbone, **common,
-            mask_roi_pool=_roi_align(14),
-            mask_head=MaskRCNNHeads(spec.fpn_channels, spec.mask_layers, 1),
+            mask_roi_pool=mask_pool,
+            mask_head=MaskRCNNHeads(backbone.out_channels, spec.mask_layers, 1),
             mask_predictor=MaskRCNNPredictor(spec.mask_layers[-1], spec.mask_layers[-1], spec.num_classes),
         )
     else:
@@ -323,6 +406,32 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     model.variant = variant
     model.spec = spec
     return model
+
+
+def describe_variant(variant: str, preset: str = "tiny", **options) -> str:
+    """One line saying what ``build_detector(variant, preset, **options)`` builds: carrier,
+    attention (with the CCAPM/CCASM form), neck and heads; for ``noduledet models``.
+
+    Example:
+        >>> describe_variant("ccapm", neck="c4")
+        "ccapm: ResNet-18 x0.25, attention ccapm (form 'hou', combine 'add', chan_embed 'y'), neck c4 (...)"
+    """
+    from noduledet.models.attention import describe_attention
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    spec = resolve_spec(preset, **options)
+    body, _, channels = VARIANTS[variant](spec)
+    if isinstance(body, AttnResNet):
+        carrier = f"ResNet-{body.depth} x{spec.width:g}, attention {describe_attention(body.layer1[0].attn)}"
+    else:
+        carrier = f"{variant} x{spec.width:g}"
+    if spec.neck == "c4":
+        head = "res5 head" if isinstance(body, AttnResNet) else f"RoIAlign 7x7, MLP head {spec.representation_size}"
+        neck = f"neck c4 (one map at stride 16, {channels[2]} channels, {head})"
+    else:
+        neck = f"neck fpn (P2-P6, {spec.fpn_channels} channels)"
+    return f"{variant}: {carrier}, {neck}, {'Mask' if spec.masks else 'Faster'} R-CNN"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -117,6 +117,7 @@ class AttnResNet(nn.Module):
         if depth not in DEPTHS:
             raise ValueError(f"unsupported depth {depth}; choose from {sorted(DEPTHS)}")
         kind, layers = DEPTHS[depth]
+        self.depth = depth
         block = BasicBlock if kind == "basic" else Bottleneck
         widths = scaled_widths(width)
         norm_layer = make_norm(norm)
