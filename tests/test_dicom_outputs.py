@@ -58,7 +58,8 @@ def test_findings_from_candidates_rank_and_threshold():
              {"world_xyz": [4, 5, 6], "diameter_mm": 5.0, "probability": 0.2},
              {"world_xyz": [7, 8, 9], "diameter_mm": 16.0, "probability": 0.6}]
     found = findings_from_candidates(cands, threshold=0.5, volumes_mm3={2: 100.0})
-    assert [(f.rank, f.world_xyz, f.volume_mm3) for f in found] == [(1, (1.0, 2.0, 3.0), None), (2, (7.0, 8.0, 9.0), 100.0)]
+    assert [(f.rank, f.world_xyz, f.volume_mm3) for f in found] == [(1, (1.0, 2.0, 3.0), None),
+                                                                    (2, (7.0, 8.0, 9.0), 100.0)]
     assert [f.size_category for f in found] == ["8 to below 15 mm", "15 mm and over"]
     assert found[0].tracking_uid != found[1].tracking_uid
     with pytest.raises(ValueError, match="probability"):

@@ -1,11 +1,14 @@
 """The offline viewer, opened in a real browser: headless Chromium driven by selenium."""
 
+import base64
+import io
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from noduledet.clinical.viewer import ViewerScan, finding_box, kept_slices, lung_window, write_viewer
 from noduledet.data.phantom import make_scan
@@ -34,8 +37,9 @@ def _small_scan() -> ViewerScan:
     p = make_scan(seed=3, index=1, size=64, nodules=(0, 0), slices=16, flip_fraction=0.0)
     g = p.volume.geometry
     voxel = [8.0, 30.0, 20.0]
-    return ViewerScan(p.uid, p.volume.hu, g.spacing, [{"voxel_zyx": voxel, "world_xyz": g.voxel_to_world(voxel).tolist(),
-                                                       "diameter_mm": 5.0, "probability": 0.42}])
+    candidate = {"voxel_zyx": voxel, "world_xyz": g.voxel_to_world(voxel).tolist(), "diameter_mm": 5.0,
+                 "probability": 0.42}
+    return ViewerScan(p.uid, p.volume.hu, g.spacing, [candidate])
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +79,12 @@ def test_page_is_self_contained_and_keeps_only_slices_near_findings(page):
     assert not re.search(r"\b(https?|ftp|wss?):", text, re.IGNORECASE)  # no URL (base64 has no ':')
     assert not re.search(r"""\b(src|href)\s*=\s*["'](?!data:)""", text) and "<link" not in text
     assert "default-src 'none'" in text  # the page's CSP forbids any fetch but data: images
-    stored = re.findall(r'"(\d+)":"data:image/png;base64,', text)
+    stored = re.findall(r'"(\d+)":"data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     centres = [int(round(c["voxel_zyx"][0])) for s in scans for c in s.candidates]
     assert len(stored) == len(kept_slices(centres[:3], 40, 2)) + len(kept_slices(centres[3:], 16, 2)) < 40 + 16
+    k, png = stored[0]  # the first slice of the first scan, in the lung window, pixel for pixel
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))),
+                                  lung_window(scans[0].hu[int(k)]))
 
 
 def _section(driver, index):

@@ -130,7 +130,8 @@ def _read_for_upload(paths: Sequence[str | Path]) -> list[pydicom.Dataset]:
             raise UserError(f"{path}: cannot upload, not a readable DICOM file ({err})") from None
     studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
     if len(studies) != 1 or "" in studies:
-        raise UserError(f"cannot upload {len(datasets)} files of {len(studies)} studies in one request: store one study at a time")
+        raise UserError(f"cannot upload {len(datasets)} files of {len(studies)} studies in one request: "
+                        "store one study at a time")
     return datasets
 
 

@@ -57,7 +57,8 @@ def _check(labels: np.ndarray, findings: Sequence[Finding], sources: Sequence[py
         raise ValueError(f"labels must lie in 0..{len(findings)} (one per finding), got {labels.min()}..{labels.max()}")
 
 
-def build_seg(labels: np.ndarray, findings: Sequence[Finding], sources: Sequence[pydicom.Dataset]) -> hd.seg.Segmentation:
+def build_seg(labels: np.ndarray, findings: Sequence[Finding],
+              sources: Sequence[pydicom.Dataset]) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG with one segment per finding.
 
     Args:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from noduledet.clinical.finding import size_category
+from noduledet.geometry import voxel_to_pixel
 
 LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) HU
 
@@ -59,7 +60,7 @@ def png_data_uri(grey: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)  # mode "L"
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -67,10 +68,9 @@ def finding_box(voxel_zyx: Sequence[float], diameter_mm: float, spacing_xyz: Seq
                 margin_mm: float = 2.0) -> list[float]:
     """[x1, y1, x2, y2] pixel box around a finding's centre on its slice: the diameter (at least
     4 mm) plus ``margin_mm`` on each side, so that the outline does not hide the nodule's edge."""
-    _, cy, cx = (float(v) for v in voxel_zyx)
+    px, py = voxel_to_pixel([float(voxel_zyx[1]), float(voxel_zyx[2])])
     half = max(diameter_mm, 4.0) / 2 + margin_mm
     sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
-    px, py = cx + 0.5, cy + 0.5  # voxel centre -> pixel coordinates (geometry.voxel_to_pixel)
     return [round(px - half / sx, 2), round(py - half / sy, 2), round(px + half / sx, 2), round(py + half / sy, 2)]
 
 
@@ -81,13 +81,13 @@ def kept_slices(centres: Sequence[int], depth: int, margin: int) -> list[int]:
 
 
 def _finding(rank: int, c: dict, scan: ViewerScan) -> dict:
-    z = int(round(float(c["voxel_zyx"][0])))
-    z = min(max(z, 0), scan.hu.shape[0] - 1)
-    half_slices = max(float(c["diameter_mm"]) / 2, 2.0) / float(scan.spacing_xyz[2])
+    centre = float(c["voxel_zyx"][0])
+    z = min(max(int(round(centre)), 0), scan.hu.shape[0] - 1)
+    half_slices = max(float(c["diameter_mm"]) / 2, 2.0) / float(scan.spacing_xyz[2])  # slices the box is drawn on
     return {"rank": rank, "slice": z, "probability": float(c["probability"]),
             "diameter_mm": float(c["diameter_mm"]), "category": size_category(float(c["diameter_mm"]))[1],
             "world_xyz": [round(float(v), 1) for v in c["world_xyz"]],
-            "z_extent": [z - half_slices, z + half_slices],
+            "z_extent": [centre - half_slices, centre + half_slices],
             "box": finding_box(c["voxel_zyx"], float(c["diameter_mm"]), scan.spacing_xyz)}
 
 
