@@ -184,12 +184,11 @@ def _scan_dicom_folder(folder: Path) -> list[_Slice]:
     return slices
 
 
-def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
-    """Read one DICOM series from a folder.
+def _series_slices(folder: Path, series: str | None) -> tuple[list[_Slice], float]:
+    """One series' slices sorted along the slice normal, and its slice step in mm.
 
-    Slices are sorted by their position along the slice normal; rescale slope/intercept are
-    applied. A folder with no images, several series (unless ``series`` picks one), slices of
-    different size or orientation, a missing slice or uneven spacing is refused.
+    A folder with no images, several series (unless ``series`` picks one), slices of different
+    size or orientation, a missing slice or uneven spacing is refused.
     """
     slices = _scan_dicom_folder(folder)
     if not slices:
@@ -226,6 +225,25 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
                 else f"uneven spacing ({gaps[i]:.3f} mm where the series steps {step:.3f} mm)")
         raise UserError(f"{folder}: {what} between {chosen[i].path.name} (at {z[i]:.2f} mm) and "
                         f"{chosen[i + 1].path.name} (at {z[i + 1]:.2f} mm)")
+    return chosen, step
+
+
+def dicom_series_files(folder: Path, series: str | None = None) -> list[Path]:
+    """The files of one DICOM series in the order ``read_dicom`` stacks them: file ``k`` is
+    slice ``k`` of the volume (sorted along the slice normal). Refuses what ``read_dicom`` refuses."""
+    return [s.path for s in _series_slices(Path(folder), series)[0]]
+
+
+def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
+    """Read one DICOM series from a folder.
+
+    Slices are sorted by their position along the slice normal (``dicom_series_files``);
+    rescale slope/intercept are applied.
+    """
+    chosen, step = _series_slices(folder, series)
+    first = chosen[0]
+    row, col = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row, col)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in chosen])
     try:
