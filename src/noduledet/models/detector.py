@@ -22,18 +22,20 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 from torchvision.ops.poolers import initLevelMapper
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -45,9 +47,12 @@ from noduledet.models.resnet import AttnResNet
 class DetectorSpec:
     """Every size and setting of a detector; presets are instances, options override fields.
 
-    Anchor sizes are in pixels, one tuple per pyramid level (P2..P6, strides 4..64): the
-    defaults cover 4-96 px, that is 3-30 mm nodules at 0.5-1 mm per pixel (torchvision's
-    32-512 px COCO anchors would miss them).
+    Anchors are square (nodules are round), three sizes per octave, one tuple of sizes in
+    pixels per pyramid level (P2..P6, strides 4..64), each repeated at ``anchor_offsets`` centres
+    inside its grid cell (4: a quarter stride off the cell's centre in x and y), so that even a
+    4 px box has an anchor close enough to reach IoU 0.5 (``anchor_coverage`` measures it). The
+    defaults cover 4-100 px: 3-70 mm at the working pixel spacing of 0.7 mm (torchvision's
+    32-512 px COCO anchors would miss nodules).
     """
 
     depth: int = 18  # depth of the Table 3 carrier ResNet (res, res-*, resscblock, ccasm, ccapm)
@@ -58,8 +63,12 @@ class DetectorSpec:
     norm: str = "bn"
     attention_options: tuple[tuple[str, object], ...] = ()  # e.g. (("combine", "mul"),)
     fpn_channels: int = 64
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((4, 6), (8, 12), (16, 24), (32, 48), (64, 96))
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_sizes: tuple[tuple[float, ...], ...] = tuple(
+        tuple(round(4 * 2**level * 2 ** (k / 3), 2) for k in range(3)) for level in range(5))
+    aspect_ratios: tuple[float, ...] = (1.0,)
+    anchor_offsets: int = 4  # anchor centres per grid cell: 1 (the cell's) or 4 (a quarter stride around it)
+    rpn_fg_iou_thresh: float = 0.5  # torchvision's 0.7 suits COCO's anchors, not 4 px boxes
+    rpn_bg_iou_thresh: float = 0.3
     rpn_pre_nms_top_n_train: int = 600
     rpn_pre_nms_top_n_test: int = 300
     rpn_post_nms_top_n_train: int = 300
@@ -75,7 +84,7 @@ class DetectorSpec:
     # "fpn": the pyramid above (Table 4's model); "c4": one map at stride 16, no pyramid (the
     # original Faster R-CNN ResNet design, Table 3's "ResNet as carrier"; VGG: Fast R-CNN's conv5_3)
     neck: str = "fpn"
-    c4_anchor_sizes: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 64, 96)  # neck "c4": all on the one map
+    c4_anchor_sizes: tuple[float, ...] = (8, 12, 16, 24, 32, 48, 64, 96)  # neck "c4": all on the one map
 
     def to_dict(self) -> dict:
         """Plain dict (lists for tuples) for configs and checkpoints."""
@@ -106,17 +115,79 @@ def _as_spec_fields(values: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown detector option(s) {unknown}; choose from {sorted(names)}")
     out = dict(values)
-    for key in ("anchor_sizes",):
+    if "anchor_sizes" in out:
+        out["anchor_sizes"] = tuple(tuple(float(s) for s in level) for level in out["anchor_sizes"])
+    for key in ("aspect_ratios", "c4_anchor_sizes"):
         if key in out:
-            out[key] = tuple(tuple(int(s) for s in level) for level in out[key])
-    for key in ("aspect_ratios", "mask_layers", "c4_anchor_sizes"):
-        if key in out:
-            out[key] = tuple(out[key])
+            out[key] = tuple(float(v) for v in out[key])
+    if "mask_layers" in out:
+        out["mask_layers"] = tuple(out["mask_layers"])
     if "attention_options" in out:
         opts = out["attention_options"]
         items = opts.items() if isinstance(opts, dict) else opts
         out["attention_options"] = tuple(sorted((str(k), v) for k, v in items))
     return out
+
+
+class NoduleAnchors(AnchorGenerator):
+    """torchvision's anchor generator with exact (unrounded) sizes and each anchor repeated at
+    several centres inside its grid cell.
+
+    With ``offsets=4`` every size is placed a quarter stride up-left, up-right, down-left and
+    down-right of the cell's anchor point: the anchors of a level are as dense as a feature map
+    of half the stride, at no cost in features (the RPN head predicts 4x the anchors per cell).
+    """
+
+    OFFSETS = {1: ((0.0, 0.0),), 4: ((-0.25, -0.25), (0.25, -0.25), (-0.25, 0.25), (0.25, 0.25))}
+
+    def __init__(self, sizes, aspect_ratios, offsets: int = 4):
+        if offsets not in self.OFFSETS:
+            raise ValueError(f"anchor_offsets={offsets}; choose from {sorted(self.OFFSETS)}")
+        self.offsets = offsets
+        super().__init__(sizes, aspect_ratios)
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        """Zero-centred (A, 4) boxes of every size and aspect ratio, not rounded to whole pixels."""
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [n * self.offsets for n in super().num_anchors_per_location()]
+
+    def grid_anchors(self, grid_sizes, strides):
+        out = []
+        for (gh, gw), (sh, sw), base in zip(grid_sizes, strides, self.cell_anchors):
+            device = base.device
+            ys = torch.arange(gh, device=device, dtype=base.dtype) * sh
+            xs = torch.arange(gw, device=device, dtype=base.dtype) * sw
+            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+            cells = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (HW, 1, 4)
+            off = torch.tensor(self.OFFSETS[self.offsets], dtype=base.dtype, device=device)
+            off = (off * torch.stack([sw, sh]).to(base.dtype)).repeat(1, 2)  # (K, 4): dx, dy, dx, dy
+            anchors = off[:, None, :] + base[None, :, :]  # (K, A, 4): channel k * A + a of the RPN head
+            out.append((cells + anchors.reshape(1, -1, 4)).reshape(-1, 4))
+        return out
+
+
+def anchor_coverage(spec: DetectorSpec, sizes_px: tuple[float, float], boxes: int = 2000,
+                    seed: int = 0) -> np.ndarray:
+    """Best IoU between a square box and the anchors of ``spec``, for ``boxes`` random boxes of
+    ``sizes_px[0]``-``sizes_px[1]`` pixels (log-uniform) at random positions; the RPN's positives
+    come from the anchors at IoU >= ``rpn_fg_iou_thresh``."""
+    rng = np.random.default_rng(seed)
+    size = np.exp(rng.uniform(np.log(sizes_px[0]), np.log(sizes_px[1]), boxes))
+    centre = rng.uniform(128, 192, (boxes, 2))  # two strides of the coarsest level: every phase
+    gt = torch.tensor(np.concatenate([centre - size[:, None] / 2, centre + size[:, None] / 2], 1), dtype=torch.float32)
+    model = build_from_spec("res", spec)
+    image = torch.zeros(1, spec.in_channels, 320, 320)
+    with torch.no_grad():
+        features = list(model.backbone(image).values())
+        anchors = model.rpn.anchor_generator(ImageList(image, [(320, 320)]), features)[0]
+    near = anchors[(anchors[:, 0] < 256) & (anchors[:, 2] > 64) & (anchors[:, 1] < 256) & (anchors[:, 3] > 64)]
+    return box_iou(gt, near).max(dim=1).values.numpy()
 
 
 class CTTransform(GeneralizedRCNNTransform):
@@ -351,7 +422,7 @@ def _c4_parts(body: nn.Module, return_layers: dict[str, str], channels: list[int
     Returns:
         backbone, anchor generator, box RoI pool, box head, box head width, mask RoI pool.
     """
-    anchors = AnchorGenerator((spec.c4_anchor_sizes,), (spec.aspect_ratios,))
+    anchors = NoduleAnchors((spec.c4_anchor_sizes,), (spec.aspect_ratios,), spec.anchor_offsets)
     if isinstance(body, AttnResNet):
         stage = body.layer4
         backbone = SingleMap(body, "layer3", channels[2])  # IntermediateLayerGetter drops layer4
@@ -373,7 +444,7 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
         backbone, anchors, box_pool, box_head, box_width, mask_pool = _c4_parts(body, return_layers, channels, spec)
     else:
         backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes))
+        anchors = NoduleAnchors(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes), spec.anchor_offsets)
         box_pool, box_width, mask_pool = _roi_align(7), spec.representation_size, _roi_align(14)
         box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
     rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
@@ -386,6 +457,7 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
         rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+        rpn_fg_iou_thresh=spec.rpn_fg_iou_thresh, rpn_bg_iou_thresh=spec.rpn_bg_iou_thresh,
         box_roi_pool=box_pool, box_head=box_head,
         box_predictor=FastRCNNPredictor(box_width, spec.num_classes),
         box_score_thresh=spec.box_score_thresh, box_nms_thresh=spec.box_nms_thresh,
