@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from noduledet.models import PRESETS, TABLES, VARIANTS, build_detector, build_from_spec
-from noduledet.models.detector import DetectorSpec, resolve_spec
+from noduledet.models.detector import DetectorSpec, NoduleAnchors, anchor_coverage, resolve_spec
 
 SIZE = 64
 
@@ -91,10 +91,25 @@ def test_integer_images_are_refused():
         build_detector("res").eval()([torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)])
 
 
-def test_anchors_cover_small_nodules():
-    anchors = build_detector("res").rpn.anchor_generator
-    sizes = [s for level in anchors.sizes for s in level]
-    assert min(sizes) <= 4 and max(sizes) >= 90
+def test_anchors_cover_nodules_of_3_to_40_mm():
+    """Every box of 3-40 mm at the working 0.7 mm per pixel has an anchor at IoU >= 0.5; before
+    (sizes 4/6 .. 64/96, three aspect ratios, one centre per cell) 58% did and 8% reached 0.7."""
+    best = anchor_coverage(resolve_spec("tiny"), (3 / 0.7, 40 / 0.7))
+    assert (best >= 0.5).mean() >= 0.99 and (best >= 0.7).mean() >= 0.45 and best.min() > 0.45
+    old = resolve_spec("tiny", anchor_sizes=((4, 6), (8, 12), (16, 24), (32, 48), (64, 96)),
+                       aspect_ratios=(0.5, 1.0, 2.0), anchor_offsets=1)
+    assert (anchor_coverage(old, (3 / 0.7, 40 / 0.7)) >= 0.5).mean() < 0.65
+
+
+def test_offset_anchors_sit_a_quarter_stride_around_the_cell():
+    from torchvision.models.detection.image_list import ImageList
+
+    gen = NoduleAnchors(((4.0,),), ((1.0,),), offsets=4)
+    anchors = gen(ImageList(torch.zeros(1, 3, 8, 8), [(8, 8)]), [torch.zeros(1, 4, 2, 2)])[0]
+    assert gen.num_anchors_per_location() == [4] and anchors.shape == (16, 4)
+    centres = ((anchors[:, :2] + anchors[:, 2:]) / 2)[:4]  # the first cell (0, 0): stride 4
+    torch.testing.assert_close(centres, torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(anchors[:, 2] - anchors[:, 0], torch.full((16,), 4.0))
 
 
 def test_state_dict_round_trip():
