@@ -37,7 +37,8 @@ from noduledet.staging import staged_dir
 
 PHANTOM_VERSION = 1
 UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root; the rest is the seed and the scan number
-SLICE_SPACINGS = (1.0, 1.25, 1.5, 2.0, 2.5)
+SLICE_SPACINGS = (0.625, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5)  # LUNA16: 0.45-2.5 mm, most 0.625-1.25
+SLICE_WEIGHTS = (0.2, 0.1, 0.1, 0.15, 0.2, 0.05, 0.1, 0.1)
 KINDS = ("solid", "part-solid", "ground-glass")
 
 
@@ -91,8 +92,9 @@ class PhantomScan:
 class Anatomy:
     """The analytic body of one patient, evaluated on axial planes of world z."""
 
-    def __init__(self, rng: np.random.Generator, z_top: float, height_mm: float):
-        s = rng.uniform(0.88, 1.08)  # patient size
+    def __init__(self, rng: np.random.Generator, z_top: float, height_mm: float, max_half_width: float = 200.0,
+                 lung_hu: float = -860.0):
+        s = min(rng.uniform(0.82, 1.08), max_half_width / 160)  # patient size; the lungs stay in the field of view
         self.a, self.b = 160 * s, 112 * s * rng.uniform(0.92, 1.05)  # body semi-axes x, y (mm)
         self.fat = rng.uniform(8, 22)
         self.wall = rng.uniform(10, 16)
@@ -102,7 +104,7 @@ class Anatomy:
         self.base = {+1: rng.uniform(0.10, 0.16), -1: rng.uniform(0.14, 0.22)}  # by side (+x = patient's left)
         self.rib_period = rng.uniform(22, 30)
         self.rib_phase = rng.uniform(0, 1)
-        self.lung_hu = rng.uniform(-880, -840)
+        self.lung_hu = lung_hu
         self.fov_pad = rng.choice([-1024, -2000, -3024])
 
     def t(self, z: np.ndarray) -> np.ndarray:
@@ -240,12 +242,14 @@ def _fill_ellipse(hu: np.ndarray, x: np.ndarray, y: np.ndarray, cx: float, cy: f
     hu[rows, cols][inside] = value
 
 
-def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
+def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int, trunk_mm: float = 4.5,
+                 end_mm: float = 0.8, max_generation: int = 10) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segments (start, end, radius) of one lung's vessel tree in world mm.
 
-    Four trunks of 9 mm leave the hilum (up, down, forward, back); every segment forks in two,
-    each child thinner and shorter and turned at random, and a child is kept only if it ends
-    inside the lung, so the tree fills the lung out to the pleura with vessels down to 1.6 mm.
+    Eight trunks of radius up to ``trunk_mm`` leave the hilum (up, down, forward, back, ...); every segment
+    forks in two, each child thinner and shorter and turned at random, and a child is kept only
+    if it ends inside the lung, so the tree fills the lung out to the pleura with vessels down to
+    radius ``end_mm`` (the airways branch the same way beside the vessels: ``_draw_airways``).
     """
     z_hilum = anatomy.z_top - anatomy.height * 0.48
     e = anatomy.lung_ellipse(side, float(anatomy.t(np.asarray(z_hilum))))
@@ -255,8 +259,9 @@ def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int) -> list[
         t = float(anatomy.t(np.asarray(point[2])))
         return 0 < t < 1 and float(anatomy.lung_depth(np.asarray(point[0]), np.asarray(point[1]), t)) > margin
 
-    trunks = [(0.3 * side, 0, 1), (0.3 * side, 0, -1), (side, -0.7, 0), (side, 0.7, 0)]
-    stack = [(hilum, np.array(d, dtype=float), 4.5, 30.0, 0) for d in trunks]
+    trunks = [(0.3 * side, 0, 1), (0.3 * side, 0, -1), (side, -0.7, 0), (side, 0.7, 0),
+              (side, 0, 0.8), (side, 0, -0.8), (0.5 * side, -0.7, 0.6), (0.5 * side, 0.7, -0.6)]
+    stack = [(hilum, np.array(d, dtype=float), trunk_mm * rng.uniform(0.8, 1.0), 30.0, 0) for d in trunks]
     segments = []
     while stack:
         p, d, r, length, gen = stack.pop()
@@ -269,13 +274,13 @@ def _vessel_tree(anatomy: Anatomy, rng: np.random.Generator, side: int) -> list[
         else:
             continue  # no room left: the branch ends here
         segments.append((p, end, r))
-        if r < 0.8 or gen >= 10:
+        if r < end_mm or gen >= max_generation:
             continue
         turn = np.cross(direction, rng.normal(0, 1, 3))
         turn /= np.linalg.norm(turn) + 1e-9
         for sign in (-1, 1):
-            stack.append((end, direction + sign * 0.55 * turn, r * rng.uniform(0.7, 0.8),
-                          length * rng.uniform(0.72, 0.86), gen + 1))
+            stack.append((end, direction + sign * 0.55 * turn, r * rng.uniform(0.76, 0.86),
+                          length * rng.uniform(0.74, 0.86), gen + 1))
     return segments
 
 
@@ -359,6 +364,218 @@ def _place(anatomy: Anatomy, rng: np.random.Generator, radius: float, juxtapleur
     return None
 
 
+@dataclass(frozen=True)
+class Style:
+    """What varies between scanners, reconstructions and patients, drawn once per scan."""
+
+    noise_hu: float  # standard deviation of the image noise
+    noise_px: float  # its correlation length (Gaussian sigma, pixels)
+    blur_px: float  # the scanner's point spread (Gaussian sigma, pixels)
+    lung_hu: float  # parenchyma density
+    texture_hu: float  # amplitude of the parenchyma's texture
+    vessel_hu: float  # blood
+    vessel_trunk_mm: float  # radius of the trunks at the hilum ...
+    vessel_end_mm: float  # ... and of the thinnest vessels drawn
+    airways: bool  # bronchi with walls and air inside
+
+
+def draw_style(rng: np.random.Generator) -> Style:
+    return Style(noise_hu=rng.uniform(10, 35), noise_px=rng.uniform(0.5, 1.3), blur_px=rng.uniform(0.4, 1.0),
+                 lung_hu=rng.uniform(-900, -800), texture_hu=rng.uniform(6, 20), vessel_hu=rng.uniform(25, 60),
+                 vessel_trunk_mm=rng.uniform(3.8, 5.5), vessel_end_mm=rng.uniform(0.5, 0.9), airways=rng.random() < 0.8)
+
+
+def _nodule_diameter(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """A diameter skewed to small nodules as in LUNA16 (mean about 8 mm for 3-30 mm)."""
+    for _ in range(20):
+        d = lo + rng.gamma(2.0, 2.6)
+        if d <= hi:
+            return float(d)
+    return float(rng.uniform(lo, hi))
+
+
+def _synthetic_shape(rng: np.random.Generator) -> Shape:
+    """An ellipsoid at a random orientation, or a lobulated cluster of 3-5 spheres (1 mm grid)."""
+    r = np.arange(-15, 16, dtype=float)
+    p = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1)
+    if rng.random() < 0.5:
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        axes = 8 * rng.uniform(0.65, 1.35, 3)
+        mask = (((p @ q) / axes) ** 2).sum(-1) <= 1
+    else:
+        mask = np.zeros(p.shape[:3], dtype=bool)
+        for _ in range(rng.integers(3, 6)):
+            c = rng.normal(0, 3.5, 3)
+            mask |= ((p - c) ** 2).sum(-1) <= rng.uniform(4, 7) ** 2
+    return Shape(mask, (1.0, 1.0, 1.0))
+
+
+def _scan_geometry(rng: np.random.Generator, size: int, slices: int | None,
+                   style: Style) -> tuple[Geometry, Anatomy, float, float]:
+    """The scan's grid (identity direction; flipped at the end if drawn so), the patient in it,
+    and the world z range (lowest, highest)."""
+    spacing_xy = rng.uniform(0.5, 0.95) * 512 / size  # LUNA16: 0.46-0.98 mm at 512 px
+    fov = spacing_xy * size
+    spacing_z = float(rng.choice(SLICE_SPACINGS, p=SLICE_WEIGHTS))
+    height = rng.uniform(215, 265)
+    z_top = rng.uniform(-120, 20)
+    anatomy = Anatomy(rng, z_top, height, max_half_width=0.47 * fov, lung_hu=style.lung_hu)
+    z_lo, z_hi = z_top - height - rng.uniform(15, 30), z_top + rng.uniform(15, 35)
+    if slices:
+        spacing_z = (z_hi - z_lo) / (slices - 1)
+    nz = int(round((z_hi - z_lo) / spacing_z)) + 1
+    centre_x, centre_y = anatomy.cx + rng.uniform(-8, 8), anatomy.cy + 18 + rng.uniform(-8, 8)
+    ox = centre_x - spacing_xy * (size - 1) / 2
+    oy = centre_y - spacing_xy * (size - 1) / 2
+    g = Geometry((spacing_xy, spacing_xy, spacing_z), (ox, oy, z_lo), (1, 0, 0, 0, 1, 0, 0, 0, 1), (nz, size, size))
+    return g, anatomy, z_lo, z_hi
+
+
+def _draw_body(g: Geometry, anatomy: Anatomy, style: Style, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """HU (float32) and lung mask of every slice, without vessels, airways and nodules."""
+    nz, size = g.shape[0], g.shape[2]
+    xs, ys, zs = _world_axes(g)
+    X, Y = xs[None, :].astype(np.float32), ys[:, None].astype(np.float32)
+    # lung texture: a smooth random field, coarse in z and in-plane
+    cells = max(2, int(size * g.spacing[0] / rng.uniform(6, 14)))
+    coarse = rng.normal(0, style.texture_hu, (max(2, nz // 8 + 2), cells, cells)).astype(np.float32)
+    planes = [ndimage.zoom(c, (size / c.shape[0], size / c.shape[1]), order=1) for c in coarse]
+    zpos = np.linspace(0, len(planes) - 1.001, nz)
+    hu = np.empty(g.shape, dtype=np.float32)
+    lung = np.empty(g.shape, dtype=bool)
+    for k, z in enumerate(zs):
+        k0, w = int(zpos[k]), float(zpos[k] % 1)
+        texture = lambda rows, cols: planes[k0][rows, cols] * (1 - w) + planes[k0 + 1][rows, cols] * w  # noqa: E731
+        hu[k], lung[k] = anatomy.slice_hu(X, Y, float(z), texture)
+    return hu, lung
+
+
+def _lung_box(lung: np.ndarray) -> tuple[slice, slice, slice]:
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lung.any(axis=(1, 2))) +
+                 np.nonzero(lung.any(axis=(0, 2))) + np.nonzero(lung.any(axis=(0, 1))))
+
+
+def _blend_tubes(hu: np.ndarray, g: Geometry, box, segments, value: float, pixel: float, within=None,
+                 scale: float = 1.0) -> None:
+    """Blend capsules (radius times ``scale``) into ``hu`` towards ``value``, by partial volume,
+    inside ``box`` and, when given, only where ``within`` (bool, the box's shape) holds."""
+    xs, ys, zs = _world_axes(g)
+    frac = np.zeros([b.stop - b.start for b in box], dtype=np.float32)
+    axes = (xs[box[2]], ys[box[1]], zs[box[0]])
+    for p, q, r in segments:
+        region = _capsule(axes, p, q, r * scale, pixel)
+        if region is not None:
+            np.maximum(frac[region[0]], region[1], out=frac[region[0]])
+    if within is not None:
+        frac *= within
+    hu[box] += frac * (value - hu[box])
+
+
+def _draw_vessels_and_airways(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatomy, style: Style,
+                              rng: np.random.Generator) -> list:
+    """Vessel trees (blood, in the lungs) and, with ``style.airways``, bronchi (a wall of soft
+    tissue around air) beside them; returns the vessel segments."""
+    box = _lung_box(lung)
+    vessels = [seg for side in (-1, 1)
+               for seg in _vessel_tree(anatomy, rng, side, style.vessel_trunk_mm, style.vessel_end_mm, 14)]
+    _blend_tubes(hu, g, box, vessels, style.vessel_hu, g.spacing[0], within=lung[box])
+    if style.airways:
+        airways = [seg for side in (-1, 1) for seg in _vessel_tree(anatomy, rng, side, 3.5, 1.4, 6)]
+        _blend_tubes(hu, g, box, airways, rng.uniform(-80, 20), g.spacing[0], within=lung[box])
+        _blend_tubes(hu, g, box, airways, -950.0, g.spacing[0], within=lung[box], scale=0.65)
+    return vessels
+
+
+def _juxtavascular_centre(anatomy: Anatomy, rng: np.random.Generator, radius: float, vessels: list,
+                          taken: list, z_lo: float, z_hi: float) -> np.ndarray | None:
+    """A centre touching a vessel of 1-3 mm radius, inside the lung, away from other nodules."""
+    mid = [(p, q, r) for p, q, r in vessels if 1.0 <= r <= 3.0]
+    for _ in range(40 if mid else 0):
+        p, q, r = mid[rng.integers(len(mid))]
+        axis = (q - p) / (np.linalg.norm(q - p) + 1e-9)
+        side = np.cross(axis, rng.normal(0, 1, 3))
+        c = p + rng.uniform(0, 1) * (q - p) + side / (np.linalg.norm(side) + 1e-9) * (radius + r) * 0.8
+        t = float(anatomy.t(np.asarray(c[2])))
+        deep = 0 < t < 1 and float(anatomy.lung_depth(np.asarray(c[0]), np.asarray(c[1]), t)) > radius + 3
+        if deep and z_lo + radius + 3 < c[2] < z_hi - radius - 3 and \
+                all(np.linalg.norm(c - o) > radius + ro + 8 for o, ro in taken):
+            return c
+    return None
+
+
+def _draw_nodules(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatomy, shapes, vessels: list,
+                  nodules: tuple[int, int], diameters: tuple[float, float], rng: np.random.Generator,
+                  z_range: tuple[float, float]):
+    """Nodules (and small excluded findings) blended into ``hu``; (nodules, excluded, taken)."""
+    out_nodules: list[PhantomNodule] = []
+    excluded: list[tuple[np.ndarray, float]] = []
+    taken: list[tuple[np.ndarray, float]] = []
+    spacing_zyx = (g.spacing[2], g.spacing[1], g.spacing[0])
+    wanted = [("nodule", _nodule_diameter(rng, *diameters)) for _ in range(rng.integers(nodules[0], nodules[1] + 1))]
+    wanted += [("small", rng.uniform(1.5, 2.9)) for _ in range(rng.integers(0, 3))]
+    for what, diameter in wanted:
+        where = rng.choice(["juxtapleural", "juxtavascular", "free"], p=[0.2, 0.2, 0.6]) if what == "nodule" else "free"
+        centre = _juxtavascular_centre(anatomy, rng, diameter / 2, vessels, taken, *z_range) \
+            if where == "juxtavascular" else None
+        if centre is None:
+            centre = _place(anatomy, rng, diameter / 2, where == "juxtapleural", taken, *z_range)
+        if centre is None:
+            continue
+        kind = str(rng.choice(KINDS, p=[0.7, 0.15, 0.15])) if what == "nodule" else "solid"
+        shape = shapes[rng.integers(len(shapes))] if rng.random() < 0.7 else _synthetic_shape(rng)
+        occ = _resample_shape(shape, diameter, spacing_zyx, rng)
+        placed = _stamp(hu, occ, _nodule_hu(kind, occ, rng), g.world_to_voxel(centre),
+                        None if where == "juxtapleural" else lung)
+        if placed is None:
+            continue
+        centroid = g.voxel_to_world(placed[0])
+        d = float((6 * placed[1] * np.prod(spacing_zyx) / np.pi) ** (1 / 3))
+        taken.append((centroid, diameter / 2))
+        if what == "nodule" and d >= 3.0:
+            out_nodules.append(PhantomNodule(centroid, d, kind, where == "juxtapleural"))
+        else:
+            excluded.append((centroid, d))
+    return out_nodules, excluded, taken
+
+
+def _draw_scar(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatomy, taken: list, rng: np.random.Generator,
+               z_range: tuple[float, float]) -> list[tuple[np.ndarray, float]]:
+    """Half the time a linear scar, listed with diameter -1 as LUNA16 lists non-nodule findings."""
+    if rng.random() >= 0.5:
+        return []
+    c = _place(anatomy, rng, 5.0, False, taken, *z_range)
+    if c is None:
+        return []
+    d = rng.normal(0, 1, 3)
+    region = _capsule(_world_axes(g), c - 7 * d / np.linalg.norm(d), c + 7 * d / np.linalg.norm(d), 1.0, g.spacing[0])
+    if region is None:
+        return []
+    occ = region[1] * lung[region[0]]
+    hu[region[0]] += occ * (-120 - hu[region[0]])
+    return [(c, -1.0)]
+
+
+def _scanner(hu: np.ndarray, anatomy: Anatomy, style: Style, rng: np.random.Generator) -> np.ndarray:
+    """The scanner's blur, correlated noise and reconstruction circle; int16 HU.
+
+    Each slice takes a random window of a few filtered noise planes twice its size (filtering a
+    whole volume of noise would dominate the time)."""
+    size = hu.shape[2]
+    bank = ndimage.gaussian_filter(rng.standard_normal((4, 2 * size, 2 * size), dtype=np.float32),
+                                   (0, style.noise_px, style.noise_px))
+    bank *= style.noise_hu / bank.std()
+    r = (np.arange(size) - (size - 1) / 2) / (size / 2)
+    outside = r[None, :] ** 2 + r[:, None] ** 2 > 1.0
+    out = np.empty(hu.shape, dtype=np.int16)
+    for k in range(hu.shape[0]):
+        j, oy, ox = rng.integers(len(bank)), rng.integers(size), rng.integers(size)
+        plane = ndimage.gaussian_filter(hu[k], style.blur_px, truncate=2.0)
+        plane += bank[j, oy:oy + size, ox:ox + size]
+        plane[outside] = anatomy.fov_pad
+        out[k] = np.rint(plane)
+    return out
+
+
 def make_scan(seed: int, index: int, size: int = 512, shapes: tuple[Shape, ...] = (),
               nodules: tuple[int, int] = (0, 4), diameters: tuple[float, float] = (3.0, 30.0),
               flip_fraction: float = 0.15, slices: int | None = None) -> PhantomScan:
@@ -366,107 +583,20 @@ def make_scan(seed: int, index: int, size: int = 512, shapes: tuple[Shape, ...] 
     fixes the slice count (the slice spacing follows)."""
     rng = np.random.default_rng([seed, index])
     uid = f"{UID_ROOT}.{seed}.{index + 1}"
-    spacing_xy = rng.uniform(0.62, 0.80) * 512 / size
-    fov = spacing_xy * size
-    spacing_z = max(float(rng.choice(SLICE_SPACINGS)), 0.8 * spacing_xy)
-    height = rng.uniform(215, 265)
-    z_top = rng.uniform(-120, 20)
-    anatomy = Anatomy(rng, z_top, height)
-    z_lo, z_hi = z_top - height - rng.uniform(15, 30), z_top + rng.uniform(15, 35)
-    if slices:
-        spacing_z = (z_hi - z_lo) / (slices - 1)
-    nz = int(round((z_hi - z_lo) / spacing_z)) + 1
+    style = draw_style(rng)
+    g, anatomy, z_lo, z_hi = _scan_geometry(rng, size, slices, style)
     flipped = rng.random() < flip_fraction
-    centre_x, centre_y = anatomy.cx + rng.uniform(-8, 8), anatomy.cy + 18 + rng.uniform(-8, 8)
-    ox = centre_x - spacing_xy * (size - 1) / 2
-    oy = centre_y - spacing_xy * (size - 1) / 2
-    # built on an identity-direction grid; a flipped scan is that array mirrored in x and y
-    g = Geometry((spacing_xy, spacing_xy, spacing_z), (ox, oy, z_lo), (1, 0, 0, 0, 1, 0, 0, 0, 1), (nz, size, size))
-    xs, ys, zs = _world_axes(g)
-    X, Y = xs[None, :].astype(np.float32), ys[:, None].astype(np.float32)
-
-    # lung texture: a smooth random field, coarse in z and in-plane
-    coarse = rng.normal(0, 14, (max(2, nz // 8 + 2), max(2, size // 16), max(2, size // 16))).astype(np.float32)
-    planes = [ndimage.zoom(c, (size / c.shape[0], size / c.shape[1]), order=1) for c in coarse]
-    zpos = np.linspace(0, len(planes) - 1.001, nz)
-    hu = np.empty((nz, size, size), dtype=np.float32)
-    lung = np.empty((nz, size, size), dtype=bool)
-    for k, z in enumerate(zs):
-        k0, w = int(zpos[k]), float(zpos[k] % 1)
-        texture = lambda rows, cols: planes[k0][rows, cols] * (1 - w) + planes[k0 + 1][rows, cols] * w  # noqa: E731
-        hu[k], lung[k] = anatomy.slice_hu(X, Y, float(z), texture)
-
-    # vessels: the trees' occupancy, blended into the lungs as blood (about 38 HU)
-    # (drawn in the lungs' bounding box only, to spare whole-volume passes)
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lung.any(axis=(1, 2))) +
-                np.nonzero(lung.any(axis=(0, 2))) + np.nonzero(lung.any(axis=(0, 1))))
-    frac = np.zeros([b.stop - b.start for b in box], dtype=np.float32)
-    box_axes = (xs[box[2]], ys[box[1]], zs[box[0]])
-    for side in (-1, 1):
-        for p, q, r in _vessel_tree(anatomy, rng, side):
-            region = _capsule(box_axes, p, q, r, spacing_xy)
-            if region is not None:
-                np.maximum(frac[region[0]], region[1], out=frac[region[0]])
-    frac *= lung[box]
-    hu[box] += frac * (38 - hu[box])
-    del frac
-
-    # nodules (in the lungs) and small excluded findings
-    shapes = shapes or [Shape(_ball(9), (1.0, 1.0, 1.0))]
-    out_nodules: list[PhantomNodule] = []
-    excluded: list[tuple[np.ndarray, float]] = []
-    taken: list[tuple[np.ndarray, float]] = []
-    spacing_zyx = (spacing_z, spacing_xy, spacing_xy)
-    wanted = [("nodule", rng.uniform(*diameters)) for _ in range(rng.integers(nodules[0], nodules[1] + 1))]
-    wanted += [("small", rng.uniform(1.5, 2.9)) for _ in range(rng.integers(0, 3))]
-    for what, diameter in wanted:
-        jux = what == "nodule" and rng.random() < 0.25
-        centre = _place(anatomy, rng, diameter / 2, jux, taken, z_lo, z_hi)
-        if centre is None:
-            continue
-        kind = str(rng.choice(KINDS, p=[0.7, 0.15, 0.15])) if what == "nodule" else "solid"
-        occ = _resample_shape(shapes[rng.integers(len(shapes))], diameter, spacing_zyx, rng)
-        placed = _stamp(hu, occ, _nodule_hu(kind, occ, rng), g.world_to_voxel(centre), None if jux else lung)
-        if placed is None:
-            continue
-        centroid = g.voxel_to_world(placed[0])
-        d = float((6 * placed[1] * np.prod(spacing_zyx) / np.pi) ** (1 / 3))
-        taken.append((centroid, diameter / 2))
-        if what == "nodule" and d >= 3.0:
-            out_nodules.append(PhantomNodule(centroid, d, kind, jux))
-        else:
-            excluded.append((centroid, d))
-
-    # a non-nodule finding, half the time: a linear scar, listed with diameter -1 as LUNA16 does
-    if rng.random() < 0.5:
-        c = _place(anatomy, rng, 5.0, False, taken, z_lo, z_hi)
-        if c is not None:
-            d = rng.normal(0, 1, 3)
-            region = _capsule((xs, ys, zs), c - 7 * d / np.linalg.norm(d), c + 7 * d / np.linalg.norm(d), 1.0, spacing_xy)
-            if region is not None:
-                occ = region[1] * lung[region[0]]
-                hu[region[0]] += occ * (-120 - hu[region[0]])
-                excluded.append((c, -1.0))
-
-    # blur and noise correlated in-plane: each slice takes a random window of a few filtered noise
-    # planes twice its size (filtering a whole volume of noise would dominate the time)
-    noise_std = rng.uniform(12, 30)
-    bank = ndimage.gaussian_filter(rng.standard_normal((4, 2 * size, 2 * size), dtype=np.float32), (0, 0.8, 0.8))
-    bank *= noise_std / bank.std()
-    r = (np.arange(size) - (size - 1) / 2) / (size / 2)
-    outside = r[None, :] ** 2 + r[:, None] ** 2 > 1.0  # the reconstruction circle
-    out = np.empty(hu.shape, dtype=np.int16)
-    for k in range(nz):
-        j, oy, ox = rng.integers(len(bank)), rng.integers(size), rng.integers(size)
-        plane = ndimage.gaussian_filter(hu[k], 0.7, truncate=2.0)  # the scanner's blur
-        plane += bank[j, oy:oy + size, ox:ox + size]
-        plane[outside] = anatomy.fov_pad
-        out[k] = np.rint(plane)
+    hu, lung = _draw_body(g, anatomy, style, rng)
+    vessels = _draw_vessels_and_airways(hu, lung, g, anatomy, style, rng)
+    shapes = shapes or (Shape(_ball(9), (1.0, 1.0, 1.0)),)
+    found, excluded, taken = _draw_nodules(hu, lung, g, anatomy, shapes, vessels, nodules, diameters, rng, (z_lo, z_hi))
+    excluded += _draw_scar(hu, lung, g, anatomy, taken, rng, (z_lo, z_hi))
+    out = _scanner(hu, anatomy, style, rng)
     if flipped:  # as four LUNA16 scans: x and y flipped in the TransformMatrix
         out = np.ascontiguousarray(out[:, ::-1, ::-1])
         origin = g.voxel_to_world([0, size - 1, size - 1])
         g = Geometry(g.spacing, tuple(float(v) for v in origin), (-1, 0, 0, 0, -1, 0, 0, 0, 1), g.shape)
-    return PhantomScan(uid, CTVolume(out, g, uid), out_nodules, excluded)
+    return PhantomScan(uid, CTVolume(out, g, uid), found, excluded)
 
 
 def _ball(diameter: int) -> np.ndarray:
