@@ -119,7 +119,9 @@ def test_click_second_finding_then_step_down(browser, page):
     first = _section(browser, 0)
     assert (first.get_attribute("data-slice"), first.get_attribute("data-finding")) == (str(z), "2")
     assert [float(v) for v in first.get_attribute("data-box").split(",")] == [x1, y1, x2, y2]
-    assert _redness(browser, 0, *top_edge) > 100  # the box is drawn, in the selected colour
+    # the box is drawn, in the selected colour: a 1 px line at a fractional position may cover two
+    # pixels by half, whose redness is then about 100 (the absent box's stays below 60)
+    assert _redness(browser, 0, *top_edge) > 80
     if os.environ.get("NODULEDET_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(SCREENSHOT))
