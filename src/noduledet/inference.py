@@ -1,7 +1,9 @@
 """Run a trained detector over the slices of a volume.
 
-``Detector`` holds a model with the sampling it was trained with (2.5D offsets, HU window) and
-turns a (z, y, x) volume into per-slice detections, batching slices and without autograd.
+``Detector`` holds a model with the sampling it was trained with (2.5D offsets, HU window,
+working pixel spacing) and turns a (z, y, x) volume into per-slice detections, batching slices
+and without autograd. Slices are resampled to the working spacing on the way in and the boxes
+and masks mapped back to the volume's own pixels on the way out.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import time
 import numpy as np
 import torch
 
-from noduledet.boxes import shift_boxes
+from noduledet.boxes import scale_boxes, shift_boxes
 from noduledet.checkpoint import Checkpoint
-from noduledet.data.slices import sample_planes, window
+from noduledet.data.slices import resample, resample_masks, sample_planes, window, working_shape
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 from noduledet.merge import SliceDetections
 from noduledet.models.detector import DetectorSpec, build_from_spec
+
+
+MIN_BOX_PX = 1.0  # boxes narrower than a working pixel (clipped at a slice's edge) are no finding
 
 
 class Detector:
@@ -31,10 +36,11 @@ class Detector:
         batch_size: slices per forward pass (4 is fastest on a 2-core CPU; see docs/benchmarks.md).
         engine: "torch", or "onnx" (the convolutions on ONNX Runtime; CPU, Faster R-CNN).
         channels_last: NHWC weights, faster for oneDNN and cuDNN convolutions.
+        pixel_mm: the working pixel spacing the model was trained at (0: each volume's own).
     """
 
     def __init__(self, model: torch.nn.Module, offsets_mm, window_hu, device: torch.device | str = "cpu",
-                 batch_size: int = 4, engine: str = "torch", channels_last: bool = True):
+                 batch_size: int = 4, engine: str = "torch", channels_last: bool = True, pixel_mm: float = 0.0):
         self.device = torch.device(device)
         self.variant, self.spec = model.variant, model.spec
         model = model.to(self.device).eval()
@@ -49,7 +55,7 @@ class Detector:
         elif engine != "torch":
             raise UserError(f"engine {engine!r}; choose from ['onnx', 'torch']")
         self.model = model
-        self.offsets_mm, self.window_hu = tuple(offsets_mm), tuple(window_hu)
+        self.offsets_mm, self.window_hu, self.pixel_mm = tuple(offsets_mm), tuple(window_hu), pixel_mm
         self.batch_size = batch_size
         self.timings = {"prepare_s": 0.0, "model_s": 0.0}  # accumulated over detect() calls
 
@@ -60,15 +66,16 @@ class Detector:
         model = build_from_spec(ckpt.variant, DetectorSpec.from_dict(ckpt.spec))
         model.load_state_dict(ckpt.model)
         data = ckpt.config.data
-        return cls(model, data.offsets_mm, data.window_hu, device, batch_size, engine, channels_last)
+        return cls(model, data.offsets_mm, data.window_hu, device, batch_size, engine, channels_last, data.pixel_mm)
 
     @property
     def masks(self) -> bool:
         return bool(self.spec.masks)
 
     def sample(self, hu: np.ndarray, geometry: Geometry, z: int, rows: slice, cols: slice) -> torch.Tensor:
-        """The (C, H, W) input for slice ``z`` of the region ``rows`` x ``cols``."""
-        return torch.from_numpy(window(sample_planes(hu, z, self.offsets_mm, geometry, rows, cols), *self.window_hu))
+        """The (C, h, w) input for slice ``z`` of the region ``rows`` x ``cols``, at the working spacing."""
+        planes = window(sample_planes(hu, z, self.offsets_mm, geometry, rows, cols), *self.window_hu)
+        return resample(planes, working_shape(planes.shape[1:], geometry.spacing, self.pixel_mm))
 
     @torch.inference_mode()
     def detect(self, hu: np.ndarray, geometry: Geometry, slices, rows: slice | None = None,
@@ -84,6 +91,9 @@ class Detector:
         """
         rows = rows or slice(0, hu.shape[1])
         cols = cols or slice(0, hu.shape[2])
+        native = (rows.stop - rows.start, cols.stop - cols.start)
+        work = working_shape(native, geometry.spacing, self.pixel_mm)
+        back = (native[1] / work[1], native[0] / work[0])  # working pixels -> the volume's, x and y
         slices = list(slices)
         batches = [slices[i:i + self.batch_size] for i in range(0, len(slices), self.batch_size)]
         out = []
@@ -96,8 +106,12 @@ class Detector:
             self.timings["prepare_s"] += t1 - t0
             self.timings["model_s"] += time.perf_counter() - t1
             for z, r in zip(batch, results):
-                boxes = shift_boxes(r["boxes"].float().cpu().numpy(), cols.start, rows.start)
-                masks = (r["masks"][:, 0] >= 0.5).cpu().numpy() if "masks" in r else None
-                out.append(SliceDetections(int(z), boxes, r["scores"].float().cpu().numpy(), masks,
+                b = r["boxes"].float().cpu()
+                keep = ((b[:, 2] - b[:, 0]) >= MIN_BOX_PX) & ((b[:, 3] - b[:, 1]) >= MIN_BOX_PX)
+                boxes = shift_boxes(scale_boxes(b[keep].numpy(), *back), cols.start, rows.start)
+                masks = None
+                if "masks" in r:
+                    masks = resample_masks(r["masks"][keep, 0] >= 0.5, native).numpy().astype(bool)
+                out.append(SliceDetections(int(z), boxes, r["scores"][keep].float().cpu().numpy(), masks,
                                            (rows.start, cols.start)))
         return out

@@ -3,7 +3,8 @@
 A sample centred on slice k stacks the planes at world z offsets ``offsets_mm`` around it
 (default -5, 0, +5 mm), interpolated linearly between slices, so a 0.625 mm and a 2.5 mm scan
 show the model the same anatomy. Channel order follows world z (inferior to superior) whatever
-the sign of the scan's z direction.
+the sign of the scan's z direction. In-plane, every sample is resampled to one working pixel
+spacing (``resample``), so a nodule is the same number of pixels on every scanner.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch.nn import functional as F
 
 from noduledet.boxes import clip_boxes, shift_boxes, sphere_box, sphere_section
 from noduledet.geometry import Geometry
@@ -23,6 +26,34 @@ def window(hu: np.ndarray, lo: float = WINDOW_HU[0], hi: float = WINDOW_HU[1]) -
     """Map HU to [0, 1] float32: ``lo`` -> 0, ``hi`` -> 1, clipped."""
     out = (np.asarray(hu, dtype=np.float32) - lo) / (hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def working_shape(shape_hw, spacing_xy, pixel_mm: float) -> tuple[int, int]:
+    """(h, w) of an (H, W) region resampled to ``pixel_mm`` pixels (0: kept as it is)."""
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    if not pixel_mm:
+        return h, w
+    return max(1, int(round(h * spacing_xy[1] / pixel_mm))), max(1, int(round(w * spacing_xy[0] / pixel_mm)))
+
+
+def resample(image, size_hw: tuple[int, int]) -> torch.Tensor:
+    """A (C, H, W) image resampled bilinearly (anti-aliased when it shrinks) to ``size_hw``.
+
+    Pixel edges map onto pixel edges (``align_corners=False``), so a box in the source frame is
+    the resampled frame's box times (w / W, h / H): ``boxes.scale_boxes``.
+    """
+    t = torch.as_tensor(image, dtype=torch.float32)
+    if tuple(t.shape[-2:]) == tuple(size_hw):
+        return t
+    return F.interpolate(t[None], size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resample_masks(masks, size_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) binary masks resampled to ``size_hw`` (nearest), uint8."""
+    t = torch.as_tensor(masks, dtype=torch.uint8)
+    if tuple(t.shape[-2:]) == tuple(size_hw) or len(t) == 0:
+        return t.reshape(len(t), *size_hw) if len(t) == 0 else t
+    return F.interpolate(t[None].float(), size=tuple(size_hw), mode="nearest")[0].to(torch.uint8)
 
 
 def sample_planes(hu: np.ndarray, z: int, offsets_mm, geometry: Geometry,
