@@ -71,7 +71,9 @@ def tiny_config(phantom_root, phantom_cache, out, *extra):
     return load_config(None, [
         f"data.root={phantom_root}", f"data.cache={phantom_cache}", "data.patch=64",
         "data.test_fraction=0.25", "data.val_fraction=0.25", f"train.out={out}", "train.epochs=2",
-        "train.batch_size=4", "train.warmup_iters=2", "train.threads=2", *extra])
+        "train.batch_size=4", "train.warmup_iters=2", "train.threads=2", "stage2.epochs=1",
+        "stage2.samples_per_epoch=32", "stage2.batch_size=16", "stage2.size=12", "stage2.spacing_mm=2.5",
+        "stage2.width=4", "data.pixel_mm=4.0", *extra])
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,10 @@ def three_formats(phantom_root, tmp_path_factory):
     """A phantom scan flipped in x and y on purpose, as .mhd, as DICOM and as NIfTI."""
     data = Luna16(phantom_root)
     uid = data.uids[0]
-    vol = flipped_xy(read_ct(data.scan_path(uid)))
-    assert vol.geometry.direction[0] == vol.geometry.direction[4] == -1
+    original = read_ct(data.scan_path(uid))
+    vol = flipped_xy(original)
+    assert vol.geometry.direction[0] == -original.geometry.direction[0] and \
+        vol.geometry.direction[4] == -original.geometry.direction[4]
     root = tmp_path_factory.mktemp("formats")
     write_ct(vol, root / f"{uid}.mhd")
     write_ct(vol, root / "scan.nii.gz")

@@ -3,14 +3,16 @@
 A checkpoint is a dict of tensors and plain values (``torch.load(weights_only=True)`` reads
 it): the format number, the noduledet version, the detector's variant and ``DetectorSpec``,
 the run's resolved configuration, the model's weights, the epoch, the best validation score
-and the history of epochs. ``last.pt`` also holds the optimiser, scheduler, gradient scaler
-and RNG state that make ``--resume`` exact (``training``). Files are written under a temporary
-name and renamed, so a checkpoint on disk is always whole.
+and the history of epochs; once trained, the second stage (the 3D classifier's spec and weights)
+and the operating points calibrated on the validation scans. ``last.pt`` also holds the
+optimiser, scheduler, gradient scaler and RNG state that make ``--resume`` exact
+(``training``). Files are written under a temporary name and renamed, so a checkpoint on disk
+is always whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +38,9 @@ class Checkpoint:
         best: best validation score so far.
         history: one dict per epoch (losses, validation metrics).
         training: optimiser, scheduler, scaler and RNG state (``last.pt`` only), or None.
+        stage2: the false-positive-reduction classifier, {"spec": ..., "state": ...}, or None.
+        operating_points: {"fp_rates": [...], "thresholds": [...], ...} from the validation
+            scans (``noduledet.operating``), or None.
         path: where it was read from (None until saved or loaded).
     """
 
@@ -47,19 +52,22 @@ class Checkpoint:
     best: float = float("-inf")
     history: list = field(default_factory=list)
     training: dict | None = None
+    stage2: dict | None = None
+    operating_points: dict | None = None
     path: Path | None = None
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "noduledet": __version__, "variant": self.variant, "spec": self.spec,
                "config": self.config.to_dict(), "model": self.model, "epoch": self.epoch, "best": self.best,
                "history": self.history}
-        if self.training is not None:
-            out["training"] = self.training
+        for key in ("training", "stage2", "operating_points"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     def without_training(self) -> Checkpoint:
         """The same checkpoint without the resume state (for ``best.pt``)."""
-        return Checkpoint(self.variant, self.spec, self.config, self.model, self.epoch, self.best, self.history)
+        return replace(self, training=None, path=None)
 
 
 def save(checkpoint: Checkpoint, path: str | Path) -> None:
@@ -87,4 +95,4 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
                         f"retrain with this version (noduledet train)")
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
-                      list(raw["history"]), raw.get("training"), path)
+                      list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)

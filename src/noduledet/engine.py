@@ -31,6 +31,7 @@ from noduledet.data.dataset import SliceDataset, collate
 from noduledet.data.splits import split_scans
 from noduledet.distributed import barrier, gather, join_torchrun, rank_and_world, resolve_device
 from noduledet.errors import UserError
+from noduledet.fpr import stage2_done, train_stage2
 from noduledet.metrics.coco import slice_metrics
 from noduledet.models.detector import build_detector
 from noduledet.progress import Progress, track
@@ -69,9 +70,10 @@ def make_splits(cfg: Config, cache: SliceCache) -> dict[str, list[str]]:
 def make_datasets(cfg: Config, cache: SliceCache, splits: dict) -> tuple[SliceDataset, SliceDataset]:
     """Training patches of the training scans; whole validation slices that cut a nodule."""
     d = cfg.data
-    common = dict(offsets_mm=d.offsets_mm, window_hu=d.window_hu, masks=cfg.model.masks, min_section=d.min_section,
-                  seed=cfg.train.seed)
-    train_ds = SliceDataset(cache, splits["train"], train=True, patch=d.patch, negatives=d.negatives, **common)
+    common = dict(offsets_mm=d.offsets_mm, window_hu=d.window_hu, pixel_mm=d.pixel_mm, masks=cfg.model.masks,
+                  min_section=d.min_section, seed=cfg.train.seed)
+    train_ds = SliceDataset(cache, splits["train"], train=True, patch=d.patch, negatives=d.negatives,
+                            augment=d.augment, **common)
     val_ds = SliceDataset(cache, splits["val"] or splits["test"], train=False, slices="positive",
                           slice_stride=d.eval_slice_stride, **common)
     if len(train_ds) == 0:
@@ -240,12 +242,14 @@ def validate(model: torch.nn.Module, dataset: SliceDataset, device: torch.device
 # ---- training -------------------------------------------------------------------------------
 
 def train(cfg: Config, resume: bool = False, force: bool = False, progress: Progress | None = None,
-          log=print) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.epochs`` epochs.
+          log=print, scans: Progress | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.epochs`` epochs, then the second stage
+    (``noduledet.fpr``) when ``cfg.stage2.enabled``.
 
     Args:
         progress: a reporter for the batches of each epoch (``noduledet.progress``), or None.
         log: where the line per epoch goes (rank 0), or None.
+        scans: a reporter for the second stage's passes over scans, or None.
 
     Returns:
         {"run": run dir, "best": best validation mAP, "history": per-epoch rows}.
@@ -279,6 +283,8 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
         _end_epoch(trainer, row, cfg, run, writer, log if rank == 0 else None)
     if writer is not None:
         writer.close()
+    if cfg.stage2.enabled and rank == 0 and not stage2_done(run.last):
+        train_stage2(cfg, run, cache, splits, device, log, scans)
     barrier()
     return {"run": str(run.path), "best": trainer.best, "history": trainer.history}
 

@@ -25,10 +25,10 @@ from noduledet.data.slices import slice_targets
 from noduledet.distributed import barrier, gather, rank_and_world, resolve_device
 from noduledet.errors import UserError
 from noduledet.metrics.coco import pr_curve, slice_metrics
-from noduledet.metrics.froc import froc, plot_froc
+from noduledet.metrics.froc import at_thresholds, fp_label, froc, plot_froc
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
-from noduledet.report import froc_table, number, slice_table
+from noduledet.report import froc_table, number, size_table, slice_table
 from noduledet.staging import staged_dir, write_json, write_text
 
 
@@ -128,7 +128,17 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
     on_nodules = slice_metrics([preds[i] for i in pos], [targets[i] for i in pos], e.score_threshold, e.iou_threshold)
     on_lungs = slice_metrics(preds, targets, e.score_threshold, e.iou_threshold)
     table = candidates_table({u: results[u].candidates for u in uids})
-    result = froc(luna.annotations(), luna.excluded(), table, uids, e.max_candidates, e.bootstrap)
+    annotations, excluded = luna.annotations(), luna.excluded()
+    result = froc(annotations, excluded, table, uids, e.max_candidates, e.bootstrap)
+    stages = {}
+    if pipeline.classifier is not None:  # stage one alone, beside both stages
+        alone = froc(annotations, excluded, candidates_table({u: results[u].stage1 for u in uids}), uids,
+                     e.max_candidates, 0)
+        stages = {"froc_stage1": alone.to_dict()}
+    points = pipeline.operating_points
+    if points:  # the thresholds calibrated on the validation scans, applied to these scans
+        stages["operating_points"] = [{"fp_rate_validation": r, **row} for r, row in
+                                      zip(points["fp_rates"], at_thresholds(result.outcomes, points["thresholds"]))]
     variant = pipeline.detector.variant
     report = {
         "checkpoint": str(checkpoint), "variant": variant, "epoch": pipeline.epoch, "data": str(luna.root),
@@ -136,7 +146,8 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
         "scans_chosen": chosen, "slices": len(preds), "seconds": seconds,
         "ms_per_slice": 1000 * seconds / max(len(preds), 1),
         "slice_metrics_nodule_slices": on_nodules, "slice_metrics_all_lung_slices": on_lungs,
-        "froc": result.to_dict(), "eval": pipeline.settings.__dict__,
+        "froc": result.to_dict(), **stages, "eval": pipeline.settings.__dict__,
+        "seconds_per_scan": seconds / max(len(uids), 1),
     }
     write_findings(tmp / "candidates.csv", table, "probability")
     write_json(tmp / "metrics.json", report)
@@ -161,6 +172,14 @@ def markdown_report(report: dict) -> str:
     ]
     if a.get("jaccard_mask") is not None and number(a["jaccard_mask"]) != "n/a":
         lines += ["", f"Mask Jaccard (matched nodules): {number(a['jaccard_mask'], 4)}."]
-    lines += ["", f"## Scan level: LUNA16 FROC ({f['nodules']} nodules, {f['detected']} hit by a candidate)", "",
-              *froc_table(f)]
+    lines += ["", f"## Scan level: LUNA16 FROC ({f['nodules']} nodules, {f['detected']} hit by a candidate)", ""]
+    if "froc_stage1" in report:
+        lines += [f"Stage one alone: CPM {number(report['froc_stage1']['cpm'])}; with the 3D false-positive "
+                  f"reduction (below): CPM {number(f['cpm'])}.", ""]
+    lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *size_table(f)]
+    if report.get("operating_points"):
+        lines += ["", "Operating points (thresholds calibrated on the validation scans, applied here):", "",
+                  "| calibrated for FP/scan | threshold | FP/scan here | sensitivity here |", "|---:|---:|---:|---:|",
+                  *[f"| {fp_label(p['fp_rate_validation'])} | {p['threshold']:.3f} | {p['fp_per_scan']:.2f} | "
+                    f"{number(p['sensitivity'])} |" for p in report["operating_points"]]]
     return "\n".join(lines) + "\n"

@@ -47,13 +47,17 @@ class Candidate:
     slices: int  # slices whose detections joined
     z_range: tuple[int, int]
     members: list[tuple[int, int]]  # (index into the detections list, box index)
+    stage1: float | None = None  # the detector's probability, when a second stage rescored the candidate
 
     def to_dict(self) -> dict:
-        return {"world_xyz": [round(float(v), 3) for v in self.world_xyz],
-                "voxel_zyx": [round(float(v), 3) for v in self.voxel_zyx],
-                "slice": int(round(self.voxel_zyx[0])), "probability": round(float(self.probability), 5),
-                "diameter_mm": round(float(self.diameter_mm), 2), "slices": self.slices,
-                "z_range": list(self.z_range)}
+        out = {"world_xyz": [round(float(v), 3) for v in self.world_xyz],
+               "voxel_zyx": [round(float(v), 3) for v in self.voxel_zyx],
+               "slice": int(round(self.voxel_zyx[0])), "probability": round(float(self.probability), 5),
+               "diameter_mm": round(float(self.diameter_mm), 2), "slices": self.slices,
+               "z_range": list(self.z_range)}
+        if self.stage1 is not None:
+            out["stage1_probability"] = round(float(self.stage1), 5)
+        return out
 
     def moved(self, offset_zyx) -> Candidate:
         """The same candidate with its voxel indices in a frame where this one's origin sits at

@@ -4,8 +4,12 @@
 ``Pipeline``, so the CPM that ``evaluate`` prints is the CPM of what ``predict`` writes::
 
     volume -> lung mask -> scan region (the lungs' box plus margins, ``DataConfig``)
-           -> the detector on each lung slice of the region (batched, no autograd)
-           -> 3D merge -> the most probable ``max_candidates`` -> candidates in world mm
+           -> stage one: the detector on the region's lung slices, ``slice_step_mm`` apart
+              (batched, no autograd, resampled to the working pixel spacing)
+           -> 3D merge -> the most probable ``max_candidates``
+           -> stage two, when the checkpoint has it: a 3D classifier scores an isotropic cube
+              around each candidate and the probabilities are combined (``stage2.combine``)
+           -> candidates in world mm, most probable first
 
 ``run`` starts from a region already cut out (the prepared cache serves those, made with the
 same ``LungMask.region``); ``run_volume`` starts from a whole scan.
@@ -25,10 +29,12 @@ from noduledet.config import Config, EvalConfig
 from noduledet.data.ct import CTVolume
 from noduledet.data.luna16 import Findings
 from noduledet.data.lung import ScanRegion, segment_lungs
+from noduledet.data.patches import extract_patches
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 from noduledet.inference import Detector
 from noduledet.merge import Candidate, SliceDetections, merge_slices
+from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
 
 
 @dataclass
@@ -41,6 +47,7 @@ class ScanResult:
         region: where the region lies in the scan.
         timings: seconds per stage.
         threshold: the operating point the status counts findings at.
+        stage1: the candidates as stage one ranked them (the same list when there is no stage two).
     """
 
     candidates: list[Candidate]
@@ -48,6 +55,7 @@ class ScanResult:
     region: ScanRegion
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = 0.5
+    stage1: list[Candidate] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -65,23 +73,35 @@ class Pipeline:
     Args:
         detector: the stage-one detector.
         settings: merging, cap and batching (``EvalConfig``).
-        config: the run's configuration (the scan region's margins come from ``config.data``).
+        config: the run's configuration (the scan region's margins come from ``config.data``,
+            how the two stages' probabilities combine from ``config.stage2``).
         epoch: the training epoch of the weights, when known.
+        classifier: the stage-two classifier, or None (stage one alone).
+        operating_points: thresholds calibrated on the validation scans (``noduledet.checkpoint``).
     """
 
-    def __init__(self, detector: Detector, settings: EvalConfig, config: Config, epoch: int | None = None):
+    def __init__(self, detector: Detector, settings: EvalConfig, config: Config, epoch: int | None = None,
+                 classifier: NoduleClassifier3D | None = None, operating_points: dict | None = None):
         self.detector, self.settings, self.config, self.epoch = detector, settings, config, epoch
+        self.classifier = classifier.to(detector.device).eval() if classifier is not None else None
+        self.operating_points = operating_points
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu", **overrides) -> Pipeline:
-        """The checkpoint's pipeline; ``overrides`` replace fields of its ``eval`` settings."""
+    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu", stage2: bool = True,
+                        **overrides) -> Pipeline:
+        """The checkpoint's pipeline; ``overrides`` replace fields of its ``eval`` settings;
+        ``stage2=False`` leaves out a second stage the checkpoint has."""
         ckpt = checkpoint.load(path)
         try:
             settings = replace(ckpt.config.eval, **overrides)
         except TypeError as err:
             raise UserError(f"unknown evaluation option: {err}") from None
         detector = Detector.from_checkpoint(ckpt, device, settings.batch_size, settings.engine)
-        return cls(detector, settings, ckpt.config, ckpt.epoch)
+        classifier = None
+        if stage2 and ckpt.stage2 is not None:
+            classifier = NoduleClassifier3D(ClassifierSpec.from_dict(ckpt.stage2["spec"]))
+            classifier.load_state_dict(ckpt.stage2["state"])
+        return cls(detector, settings, ckpt.config, ckpt.epoch, classifier, ckpt.operating_points)
 
     def region(self, volume: CTVolume) -> ScanRegion:
         """The scan region of a whole volume (the lungs' box plus the run's margins)."""
@@ -113,7 +133,8 @@ class Pipeline:
         if region.lung_slices:
             before = dict(self.detector.timings)
             t = time.perf_counter()
-            detections = self.detector.detect(hu, geometry, region.lung_slices)
+            step = max(1, int(round(s.slice_step_mm / geometry.spacing[2]))) if s.slice_step_mm else 1
+            detections = self.detector.detect(hu, geometry, region.lung_slices[::step])
             timings["slices_and_detector_s"] = time.perf_counter() - t
             timings["slice_preparation_s"] = self.detector.timings["prepare_s"] - before["prepare_s"]
             timings["detector_s"] = self.detector.timings["model_s"] - before["model_s"]
@@ -121,7 +142,28 @@ class Pipeline:
             merged = merge_slices(detections, geometry, s.link_mm, s.min_score)[: s.max_candidates]
             candidates = [c.moved(region.start_zyx) for c in merged]
             timings["merge_3d_s"] = time.perf_counter() - t
-        return ScanResult(candidates, detections, region, timings, s.score_threshold)
+        stage1 = candidates
+        if self.classifier is not None and candidates:
+            t = time.perf_counter()
+            candidates = self.rescore(hu, geometry, candidates)
+            timings["stage2_s"] = time.perf_counter() - t
+        return ScanResult(candidates, detections, region, timings, s.score_threshold, stage1)
+
+    @torch.inference_mode()
+    def rescore(self, hu: np.ndarray, geometry: Geometry, candidates: list[Candidate]) -> list[Candidate]:
+        """Stage two: each candidate's probability combined with the classifier's for the cube
+        around it; most probable first."""
+        spec = self.classifier.spec
+        patches = extract_patches(hu, geometry, [c.world_xyz for c in candidates], spec.size, spec.spacing_mm)
+        scores = []
+        for start in range(0, len(patches), 64):
+            x = self.classifier.window(torch.from_numpy(patches[start:start + 64]).to(self.detector.device))
+            scores.append(torch.sigmoid(self.classifier(x)).float().cpu())
+        p2 = torch.cat(scores).numpy()
+        p1 = np.array([c.probability for c in candidates])
+        p = {"stage2": p2, "mean": (p1 + p2) / 2, "product": p1 * p2}[self.config.stage2.combine]
+        out = [replace(c, probability=float(q), stage1=c.probability) for c, q in zip(candidates, p)]
+        return sorted(out, key=lambda c: -c.probability)
 
 
 def candidates_table(results: dict[str, list[Candidate]]) -> Findings:

@@ -13,6 +13,8 @@ done (written beside, then renamed: a folder there is complete)::
     OUT/<name>/mask.nii.gz    with a Mask R-CNN checkpoint: the candidates' masks, in the input's geometry
     OUT/candidates.csv        every scan (LUNA16 format), and
     OUT/summary.json          every scan's status: both written last, from the scans' folders
+    OUT/findings.csv          with ``operating_point``: only the candidates at or above the threshold
+                              calibrated for that many false positives per scan (what a reader reviews)
 
 An existing ``OUT`` is replaced only with ``force``. Under ``torchrun`` the scans are shared out
 among the processes; rank 0 writes the two files at the end.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ from noduledet.distributed import barrier, rank_and_world, resolve_device
 from noduledet.errors import UserError
 from noduledet.geometry import voxel_to_pixel
 from noduledet.merge import Candidate
+from noduledet.metrics.froc import fp_label
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
 from noduledet.staging import atomic_write, refuse_existing, staged_dir, write_json
@@ -111,6 +114,7 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, series: str 
     parts = ("slice_preparation_s", "detector_s")  # inside slices_and_detector_s
     summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
                "spacing_xyz": list(volume.geometry.spacing), "status": result.status,
+               **_findings_at(pipeline.operating_points, result.candidates),
                "slices": len(result.region.lung_slices), "region_start_zyx": list(result.region.start_zyx),
                "region_shape_zyx": list(result.region.shape_zyx),
                "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -118,6 +122,25 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, series: str 
     (folder / "scan.json").write_text(json.dumps({**summary, "candidates": [c.to_dict() for c in result.candidates]},
                                                  indent=1))
     return summary
+
+
+def _findings_at(points: dict | None, candidates: list[Candidate]) -> dict:
+    """How many candidates pass each calibrated operating point (nothing without them)."""
+    if not points:
+        return {}
+    return {"findings_at_fp_per_scan": {fp_label(r): sum(c.probability >= t for c in candidates)
+                                        for r, t in zip(points["fp_rates"], points["thresholds"])}}
+
+
+def operating_threshold(points: dict | None, rate: float, checkpoint: str | Path) -> float:
+    """The probability threshold calibrated for ``rate`` false positives per scan."""
+    if not points:
+        raise UserError(f"{checkpoint}: no calibrated operating points (a run without a second stage or without "
+                        f"validation scans); use --score-threshold")
+    if rate not in points["fp_rates"]:
+        raise UserError(f"--operating-point {rate:g}: this checkpoint has {', '.join(f'{r:g}' for r in points['fp_rates'])}"
+                        f" false positives per scan")
+    return points["thresholds"][points["fp_rates"].index(rate)]
 
 
 def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> None:
@@ -149,8 +172,9 @@ def write_mask(volume: CTVolume, result: ScanResult, path: Path) -> None:
     write_ct(CTVolume(labels, volume.geometry), path)
 
 
-def collect(out: Path, scans: list[ScanInput]) -> list[dict]:
-    """Rebuild ``candidates.csv`` and ``summary.json`` from the scans' folders; return the summaries."""
+def collect(out: Path, scans: list[ScanInput], threshold: float | None = None) -> list[dict]:
+    """Rebuild ``candidates.csv`` and ``summary.json`` (and, with a ``threshold``, ``findings.csv``)
+    from the scans' folders; return the summaries."""
     summaries, tables = [], []
     for scan in scans:
         folder = out / scan.name
@@ -159,17 +183,22 @@ def collect(out: Path, scans: list[ScanInput]) -> list[dict]:
     table = Findings(np.concatenate([t.uids for t in tables]), np.concatenate([t.xyz for t in tables]).reshape(-1, 3),
                      np.concatenate([t.value for t in tables]))
     atomic_write(out / "candidates.csv", lambda tmp: write_findings(tmp, table, "probability"))
+    if threshold is not None:
+        atomic_write(out / "findings.csv", lambda tmp: write_findings(tmp, table.select(table.value >= threshold),
+                                                                     "probability"))
     write_json(out / "summary.json", summaries)
     return summaries
 
 
 def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, overrides: dict | None = None,
             series: str | None = None, top: int = 5, pictures: bool = True, force: bool = False,
-            device: str = "auto", progress=None, log=print) -> list[dict]:
+            device: str = "auto", operating_point: float | None = None, progress=None, log=print) -> list[dict]:
     """Predict every input scan; see the module docstring for what lands in ``out``.
 
     Args:
         overrides: ``EvalConfig`` fields replacing the checkpoint's (score_threshold, batch_size, ...).
+        operating_point: false positives per scan of a calibrated operating point: its findings
+            go to ``findings.csv`` and the scans' status counts them.
 
     Returns:
         Every scan's summary (on rank 0; the other ranks return an empty list).
@@ -177,6 +206,10 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, o
     out = Path(out)
     scans = expand_inputs(inputs)
     pipeline = Pipeline.from_checkpoint(checkpoint, resolve_device(device), **(overrides or {}))
+    threshold = None
+    if operating_point is not None:
+        threshold = operating_threshold(pipeline.operating_points, operating_point, checkpoint)
+        pipeline.settings = replace(pipeline.settings, score_threshold=threshold)
     rank, world = rank_and_world()
     if rank == 0:
         refuse_existing(out, force)
@@ -192,4 +225,4 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, o
         if rank == 0 and log:
             log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
     barrier()
-    return collect(out, scans) if rank == 0 else []
+    return collect(out, scans, threshold) if rank == 0 else []

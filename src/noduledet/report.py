@@ -28,6 +28,21 @@ def slice_table(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def size_table(froc: dict) -> list[str]:
+    """Markdown lines of the sensitivity by nodule size (``FrocResult.to_dict()["by_size"]``)."""
+    from noduledet.metrics.froc import fp_label
+
+    rows = froc["by_size"]
+    if not rows:
+        return []
+    rates = rows[0]["fp_rates"]
+    lines = ["| nodule size | nodules | " + " | ".join(f"sensitivity at {fp_label(r)} FP/scan" for r in rates) + " |",
+             "|---|---:|" + "---:|" * len(rates)]
+    for r in rows:
+        lines.append(f"| {r['bin']} | {r['nodules']} | " + " | ".join(number(v) for v in r["sensitivity"]) + " |")
+    return lines
+
+
 def froc_table(froc: dict) -> list[str]:
     """Markdown lines of a FROC result (``FrocResult.to_dict()``): sensitivity at each rate, CPM, CIs."""
     from noduledet.metrics.froc import fp_label

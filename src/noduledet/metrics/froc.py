@@ -10,6 +10,11 @@
 - Sensitivity is read off the FROC curve (sensitivity against false positives per scan, as the
   threshold falls through every probability) at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP per scan by
   linear interpolation; CPM is their mean. 95% intervals come from bootstrapping scans.
+
+Beside the curve: the probability thresholds that give a chosen number of false positives per
+scan (``thresholds_at``: the operating points a reader is given) and the sensitivity for
+nodules of each size at such thresholds (``sensitivity_by_size``: small nodules are where a 2D
+detector fails).
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ def fp_label(rate: float) -> str:
 
 
 FP_LABELS = tuple(fp_label(r) for r in FP_RATES)
+OPERATING_RATES = (0.5, 1.0, 2.0, 4.0)  # false positives per scan a reader may be given
+SIZE_BINS = ((3.0, 6.0), (6.0, 10.0), (10.0, float("inf")))  # nodule diameter, mm
+SIZE_RATES = (1.0, 4.0)  # FP per scan at which sensitivity by size is reported
+
+
+def size_label(lo: float, hi: float) -> str:
+    return f">= {lo:g} mm" if hi == float("inf") else f"{lo:g}-{hi:g} mm"
 
 
 @dataclass
@@ -53,10 +65,12 @@ class FrocResult:
     ci_low: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
     ci_high: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
     cpm_ci: tuple[float, float] = (float("nan"), float("nan"))
+    by_size: list[dict] = field(default_factory=list)  # sensitivity_by_size's rows
+    outcomes: list[ScanOutcome] = field(default_factory=list, repr=False)  # per scan, for operating points
 
     def to_dict(self) -> dict:
         return {
-            "cpm": self.cpm, "cpm_ci95": list(self.cpm_ci), "fp_rates": list(FP_RATES),
+            "cpm": self.cpm, "cpm_ci95": list(self.cpm_ci), "fp_rates": list(FP_RATES), "by_size": self.by_size,
             "sensitivities": self.sensitivities.tolist(), "ci95_low": self.ci_low.tolist(),
             "ci95_high": self.ci_high.tolist(), "nodules": self.nodules, "scans": self.scans,
             "detected": self.detected, "false_positives": self.false_positives,
@@ -106,6 +120,48 @@ def sensitivities_at(fps: np.ndarray, sens: np.ndarray, rates=FP_RATES) -> np.nd
     return np.interp(np.asarray(rates), fps, sens)
 
 
+def thresholds_at(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[float]:
+    """For each rate, the lowest probability threshold at which the candidates scoring at least
+    that much hold no more than ``rate`` false positives per scan (0.0: every candidate)."""
+    fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
+    out = []
+    for rate in rates:
+        k = int(np.floor(rate * len(outcomes) + 1e-9))  # false positives allowed in all
+        out.append(float(np.nextafter(fps[k], np.inf)) if k < len(fps) else 0.0)
+    return out
+
+
+def at_thresholds(outcomes: list[ScanOutcome], thresholds) -> list[dict]:
+    """False positives per scan and sensitivity of the candidates scoring at least each threshold."""
+    probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
+    fps = np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0)
+    return [{"threshold": float(t), "fp_per_scan": float((fps >= t).sum() / max(len(outcomes), 1)),
+             "sensitivity": float((probs >= t).mean()) if len(probs) else float("nan")} for t in thresholds]
+
+
+def sensitivity_by_size(outcomes: list[ScanOutcome], diameters: list[np.ndarray], rates=SIZE_RATES,
+                        bins=SIZE_BINS) -> list[dict]:
+    """Sensitivity of the nodules in each size bin at the thresholds giving ``rates`` false
+    positives per scan over all the scans (``thresholds_at``).
+
+    Args:
+        diameters: per scan, its nodules' diameters in the order of ``outcomes[i].nodule_probs``.
+
+    Returns:
+        One row per bin: {"bin": label, "nodules": n, "sensitivity": [one per rate], "fp_rates": rates}.
+    """
+    probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
+    sizes = np.concatenate(diameters) if diameters else np.zeros(0)
+    thresholds = thresholds_at(outcomes, rates)
+    rows = []
+    for lo, hi in bins:
+        inside = (sizes >= lo) & (sizes < hi)
+        sens = [float((probs[inside] >= t).mean()) if inside.any() else float("nan") for t in thresholds]
+        rows.append({"bin": size_label(lo, hi), "nodules": int(inside.sum()), "sensitivity": sens,
+                     "fp_rates": list(rates)})
+    return rows
+
+
 def froc(annotations: Findings, excluded: Findings, candidates: Findings, scans: list[str],
          max_per_scan: int = 100, bootstrap: int = 1000, seed: int = 0) -> FrocResult:
     """LUNA16 FROC over ``scans`` (nodules and candidates of other scans are ignored).
@@ -119,7 +175,9 @@ def froc(annotations: Findings, excluded: Findings, candidates: Findings, scans:
     at = sensitivities_at(fps, sens)
     nodule_probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
     result = FrocResult(at, float(at.mean()), fps, sens, len(nodule_probs), len(scans),
-                        int(np.isfinite(nodule_probs).sum()), int(sum(len(o.fp_probs) for o in outcomes)))
+                        int(np.isfinite(nodule_probs).sum()), int(sum(len(o.fp_probs) for o in outcomes)),
+                        by_size=sensitivity_by_size(outcomes, [annotations.for_scan(u).value for u in scans]),
+                        outcomes=outcomes)
     if bootstrap and outcomes:
         rng = np.random.default_rng(seed)
         samples = np.array([sensitivities_at(*froc_curve([outcomes[i] for i in rng.integers(len(outcomes), size=len(outcomes))]))

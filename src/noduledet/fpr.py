@@ -1,0 +1,201 @@
+"""The second stage (false-positive reduction) and the operating points, trained after the detector.
+
+``train_stage2`` runs once the detector's epochs are done (``noduledet train`` calls it):
+
+1. stage one (the run's ``best.pt``) runs over the training scans, through the same
+   ``Pipeline`` as ``predict``, and each candidate gets the FROC's label: one that hits a
+   nodule is a positive, one that hits only an excluded finding is dropped, any other is a
+   false positive — the hard negatives, mostly vessels seen end-on; a few vessel-like spots
+   per scan join them, so that the classifier sees more than one detector's mistakes;
+2. an isotropic cube is cut around every candidate and every annotated nodule (a little larger
+   than the classifier's, so that training can shift it);
+3. the 3D classifier trains on balanced batches (half nodules, half false positives) with flips
+   on all three axes, quarter turns in the axial plane, shifts and HU gain and offset;
+4. both stages run over the validation scans; the thresholds giving 1/2, 1, 2 and 4 false
+   positives per scan there are the operating points.
+
+The classifier and the operating points are saved into ``best.pt`` and ``last.pt``. Randomness
+comes from the run's seed alone, so a run interrupted here and resumed ends the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noduledet import checkpoint
+from noduledet.config import Config
+from noduledet.data.cache import SliceCache
+from noduledet.data.dataset import vessel_like
+from noduledet.data.luna16 import Findings
+from noduledet.data.patches import extract_patches
+from noduledet.metrics.froc import OPERATING_RATES, froc_curve, hits, scan_outcome, sensitivities_at, thresholds_at
+from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
+from noduledet.pipeline import Pipeline
+from noduledet.progress import track
+from noduledet.runfolder import RunFolder
+from noduledet.staging import write_json
+
+
+def scan_findings(cache: SliceCache, uid: str) -> tuple[Findings, Findings]:
+    """The scan's nodules and excluded findings (world mm, diameter) from the cache."""
+    meta = cache.meta(uid)
+
+    def rows(items) -> Findings:
+        return Findings(np.array([uid] * len(items), dtype=str),
+                        np.array([n["world_xyz"] for n in items], dtype=float).reshape(-1, 3),
+                        np.array([n["diameter_mm"] for n in items], dtype=float))
+
+    return rows(meta["nodules"]), rows(meta["excluded"])
+
+
+def vessel_spots(cache: SliceCache, uid: str, count: int, rng: np.random.Generator) -> np.ndarray:
+    """World points of up to ``count`` vessel-like spots on random lung slices of a scan."""
+    vol, g, region = cache.volume(uid), cache.geometry(uid), cache.region(uid)
+    points = []
+    for z in rng.choice(region.lung_slices, min(count, len(region.lung_slices)), replace=False):
+        ys, xs = vessel_like(np.asarray(vol[z]))
+        if len(ys):
+            i = rng.integers(len(ys))
+            points.append(g.voxel_to_world([z, ys[i], xs[i]]))
+    return np.array(points, dtype=float).reshape(-1, 3)
+
+
+def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, spots: int = 8,
+         progress=None) -> list[dict]:
+    """Stage one's candidates on ``uids`` with their labels (1 nodule, 0 false positive), every
+    annotated nodule (1) and ``spots`` vessel-like spots per scan (0): {"uid", "world_xyz", "label"}."""
+    items = []
+    for k, uid in enumerate(track(progress, uids)):
+        nodules, excluded = scan_findings(cache, uid)
+        result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
+        points = [c.world_xyz for c in result.candidates]
+        points += list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
+        for i, xyz in enumerate(points):
+            on_nodule = bool(hits(xyz, nodules).any())
+            if (on_nodule and i < len(result.candidates)) or not (on_nodule or hits(xyz, excluded, 10.0).any()):
+                items.append({"uid": uid, "world_xyz": np.asarray(xyz).tolist(), "label": int(on_nodule)})
+        items += [{"uid": uid, "world_xyz": xyz.tolist(), "label": 1} for xyz in nodules.xyz]
+    return items
+
+
+def cut(cache: SliceCache, items: list[dict], spec: ClassifierSpec, margin: int) -> np.ndarray:
+    """(N, S, S, S) int16 HU cubes around the items, ``margin`` voxels wider than the classifier's."""
+    out = np.empty((len(items), *(3 * [spec.size + 2 * margin])), dtype=np.int16)
+    by_scan: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_scan.setdefault(item["uid"], []).append(i)
+    for uid, index in by_scan.items():
+        centres = [items[i]["world_xyz"] for i in index]
+        cubes = extract_patches(cache.volume(uid), cache.geometry(uid), centres, spec.size + 2 * margin, spec.spacing_mm)
+        out[index] = np.clip(np.rint(cubes), -32768, 32767)
+    return out
+
+
+def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` cube from a larger one: a random shift, flips on each axis, a quarter turn in
+    the axial plane, and a HU gain and offset."""
+    m = cube.shape[0] - size
+    z, y, x = rng.integers(0, m + 1, 3)
+    c = cube[z:z + size, y:y + size, x:x + size].astype(np.float32)
+    for axis in range(3):
+        if rng.random() < 0.5:
+            c = np.flip(c, axis)
+    if rng.random() < 0.5:
+        c = np.swapaxes(c, 1, 2)  # with the flips: every quarter turn about z
+    return np.ascontiguousarray(c * rng.uniform(0.93, 1.07) + rng.uniform(-30, 30))
+
+
+def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device, log=None) -> NoduleClassifier3D:
+    """Train the classifier on balanced batches of augmented cubes; return it in eval mode."""
+    s = cfg.stage2
+    torch.manual_seed(cfg.train.seed + 1)
+    model = NoduleClassifier3D(classifier_spec(cfg)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
+    steps = s.epochs * math.ceil(s.samples_per_epoch / s.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.lr, total_steps=steps, pct_start=0.1)
+    pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    for epoch in range(s.epochs):
+        rng = np.random.default_rng([cfg.train.seed, epoch, 2])
+        picks = np.concatenate([rng.choice(pos, s.samples_per_epoch // 2), rng.choice(neg, s.samples_per_epoch // 2)])
+        picks = picks[rng.permutation(len(picks))]
+        model.train()
+        total, t0 = 0.0, time.perf_counter()
+        for start in range(0, len(picks), s.batch_size):
+            batch = picks[start:start + s.batch_size]
+            x = np.stack([augment_cube(cubes[i], s.size, rng) for i in batch])
+            logits = model(model.window(torch.from_numpy(x).to(device)))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.from_numpy(labels[batch]).float().to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss) * len(batch)
+        if log:
+            log(f"stage 2 epoch {epoch + 1}/{s.epochs}: loss {total / len(picks):.3f}, {time.perf_counter() - t0:.0f} s")
+    return model.eval()
+
+
+def calibrate(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict:
+    """Both stages over ``uids``: the thresholds giving ``OPERATING_RATES`` false positives per
+    scan, and the CPM of stage one alone and of both stages there."""
+    one, both = [], []
+    for uid in track(progress, uids):
+        nodules, excluded = scan_findings(cache, uid)
+        result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
+        for outcomes, cands in ((one, result.stage1), (both, result.candidates)):
+            table = Findings(np.array([uid] * len(cands), dtype=str),
+                             np.array([c.world_xyz for c in cands], dtype=float).reshape(-1, 3),
+                             np.array([c.probability for c in cands], dtype=float))
+            outcomes.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
+    return {"fp_rates": list(OPERATING_RATES), "thresholds": thresholds_at(both), "scans": len(uids),
+            "cpm_stage1": float(sensitivities_at(*froc_curve(one)).mean()),
+            "cpm": float(sensitivities_at(*froc_curve(both)).mean())}
+
+
+def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, device: torch.device,
+                 log=print, progress=None) -> None:
+    """Mine, cut, fit and calibrate (module docstring); save into the run's checkpoints."""
+    s = cfg.stage2
+    mined = run.path / "stage2_candidates.json"
+    stage1 = Pipeline.from_checkpoint(run.best, device, stage2=False)
+    if not mined.is_file():  # the slow part, kept for a resumed run
+        t = time.perf_counter()
+        write_json(mined, mine(stage1, cache, splits["train"], cfg.train.seed, progress=progress))
+        if log:
+            log(f"stage 2: stage one ran over {len(splits['train'])} training scans in {time.perf_counter() - t:.0f} s")
+    items = json.loads(mined.read_text())
+    labels = np.array([i["label"] for i in items], dtype=np.int64)
+    if log:
+        log(f"stage 2: {int(labels.sum())} nodule cubes, {int((labels == 0).sum())} false positives of stage one")
+    if labels.min(initial=1) == 1 or labels.max(initial=0) == 0:
+        raise RuntimeError("stage 2 needs both nodules and false positives among the training scans' candidates")
+    margin = int(math.ceil(s.shift_mm / s.spacing_mm))
+    model = fit(cut(cache, items, classifier_spec(cfg), margin), labels, cfg, device, log)
+    stage2 = {"spec": model.spec.to_dict(), "state": {k: v.cpu() for k, v in model.state_dict().items()}}
+    both = Pipeline(stage1.detector, stage1.settings, stage1.config, stage1.epoch, model)
+    points = calibrate(both, cache, splits["val"], progress) if splits["val"] else None
+    if log and points:
+        log(f"stage 2 on {points['scans']} validation scans: CPM {points['cpm_stage1']:.3f} (stage one) -> "
+            f"{points['cpm']:.3f} (both stages)")
+    for path in (run.best, run.last):
+        ckpt = checkpoint.load(path)
+        ckpt.stage2, ckpt.operating_points = stage2, points
+        checkpoint.save(ckpt, path)
+
+
+def classifier_spec(cfg: Config) -> ClassifierSpec:
+    """The classifier's patch geometry from the run's ``stage2`` settings."""
+    s = cfg.stage2
+    return ClassifierSpec(s.size, s.spacing_mm, s.width, tuple(cfg.data.window_hu))
+
+
+def stage2_done(path: Path) -> bool:
+    """True when the checkpoint at ``path`` holds a trained second stage."""
+    return path.is_file() and checkpoint.load(path).stage2 is not None

@@ -1,0 +1,73 @@
+"""The second stage: a small 3D CNN that tells a nodule from what a slice detector mistakes for one.
+
+On one axial slice a vessel seen end-on and a nodule are both a bright disc; in 3D the vessel is
+a tube running through the slices and the nodule a blob. The classifier sees an isotropic cube
+around each stage-one candidate (``data.patches``) and scores it.
+
+Architecture: a 3x3x3 stem convolution at full resolution, then two stages of two 3x3x3
+convolutions (BatchNorm, ReLU), each stage after a max-pool that halves the cube, then global
+average and max pooling and a linear layer: 0.23 GFLOPs for a 24^3 patch at width 16.
+Input: HU windowed to [0, 1]; output: one logit per patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What the classifier sees and its size (stored beside its weights in a checkpoint)."""
+
+    size: int = 24  # patch edge, voxels ...
+    spacing_mm: float = 1.25  # ... of this size: a 30 mm cube
+    width: int = 16  # channels of the first stage (then x2, x4)
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["window_hu"] = list(self.window_hu)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassifierSpec:
+        return cls(**{**d, "window_hu": tuple(d["window_hu"])})
+
+
+def _conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
+
+
+def _stage(cin: int, cout: int) -> nn.Sequential:
+    """Max-pool (halves the cube), then two convolutions."""
+    return nn.Sequential(nn.MaxPool3d(2), *_conv(cin, cout), *_conv(cout, cout))
+
+
+class NoduleClassifier3D(nn.Module):
+    """Nodule or not, from an isotropic HU cube.
+
+    ``forward(x)``: x (B, 1, D, D, D) in [0, 1] -> (B,) logits.
+    """
+
+    def __init__(self, spec: ClassifierSpec = ClassifierSpec()):
+        super().__init__()
+        self.spec = spec
+        w = spec.width
+        self.features = nn.Sequential(*_conv(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
+        self.head = nn.Linear(8 * w, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        return self.head(pooled).squeeze(1)
+
+    def window(self, hu: torch.Tensor) -> torch.Tensor:
+        """HU patches (B, D, D, D) -> the network's input (B, 1, D, D, D) in [0, 1]."""
+        lo, hi = self.spec.window_hu
+        return ((hu - lo) / (hi - lo)).clamp_(0, 1).unsqueeze(1)

@@ -1,0 +1,110 @@
+"""The second stage: isotropic patches, the 3D classifier, operating points and sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+from noduledet.config import Config, EvalConfig
+from noduledet.data.patches import extract_patches, patch_offsets
+from noduledet.fpr import augment_cube
+from noduledet.geometry import Geometry
+from noduledet.metrics.froc import ScanOutcome, at_thresholds, sensitivity_by_size, thresholds_at
+from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
+from tests.conftest import flipped_xy
+
+
+def _world_volume(axis: int):
+    """A volume whose every voxel holds ten times its world coordinate ``axis`` (mm), on an
+    anisotropic grid."""
+    from noduledet.data.ct import CTVolume
+
+    g = Geometry((0.7, 0.8, 2.0), (-20.0, -30.0, 10.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (20, 60, 60))
+    z, y, x = np.indices(g.shape).reshape(3, -1)
+    world = g.voxel_to_world(np.stack([z, y, x], 1))
+    return CTVolume(np.rint(10 * world[:, axis]).reshape(g.shape).astype(np.int16), g)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["x", "y", "z"])
+def test_patches_are_world_aligned_cubes_whatever_the_grid(axis):
+    volume = _world_volume(axis)
+    centre = [0.0, -10.0, 30.0]
+    patch = extract_patches(volume.hu, volume.geometry, [centre], size=8, spacing_mm=1.5)[0] / 10
+    expected = centre[axis] + patch_offsets(8, 1.5)  # a linear function, interpolated exactly
+    line = {0: patch[4, 4, :], 1: patch[4, :, 4], 2: patch[:, 4, 4]}[axis]  # patch axes: world z, y, x
+    np.testing.assert_allclose(line, expected, atol=0.06)
+    flipped = flipped_xy(volume)
+    np.testing.assert_allclose(extract_patches(flipped.hu, flipped.geometry, [centre], 8, 1.5)[0] / 10, patch, atol=1e-4)
+
+
+def test_classifier_scores_a_batch_and_every_parameter_learns():
+    torch.manual_seed(0)
+    model = NoduleClassifier3D(ClassifierSpec(size=16, width=4))
+    x = model.window(torch.full((6, 16, 16, 16), -800.0))
+    x[:3, :, 6:10, 6:10, 6:10] = 0.6  # a blob in the first three
+    y = torch.tensor([1.0, 1, 1, 0, 0, 0])
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == (6,)
+
+
+def test_cube_augmentation_keeps_the_contents():
+    cube = np.zeros((12, 12, 12), dtype=np.int16)
+    cube[5:7, 5:7, 5:7] = 100
+    for seed in range(8):
+        out = augment_cube(cube, 10, np.random.default_rng(seed))
+        assert out.shape == (10, 10, 10) and ((out > 50).sum() == 8)
+
+
+def test_operating_thresholds_by_hand():
+    # two scans; false positives at 0.9, 0.8 | 0.7, 0.2; nodules at 0.95, 0.6 | missed
+    outcomes = [ScanOutcome(np.array([0.95, 0.6]), np.array([0.9, 0.8])),
+                ScanOutcome(np.array([-np.inf]), np.array([0.7, 0.2]))]
+    t = thresholds_at(outcomes, (0.5, 1.0, 2.0, 4.0))
+    # 1/2 FP/scan over 2 scans allows 1 FP: just above the second highest (0.8); 1 allows 2:
+    # just above the third (0.7); 2 and 4 allow 4 and 8 of the 4 there are: everything passes
+    assert t[0] == pytest.approx(0.8) and t[0] > 0.8 and t[1] == pytest.approx(0.7) and t[1] > 0.7
+    assert t[2:] == [0.0, 0.0]
+    rows = at_thresholds(outcomes, t)
+    assert [r["fp_per_scan"] for r in rows] == [0.5, 1.0, 2.0, 2.0]
+    assert [r["sensitivity"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_sensitivity_by_size_by_hand():
+    outcomes = [ScanOutcome(np.array([0.95, 0.6, -np.inf]), np.array([0.9, 0.1]))]
+    rows = sensitivity_by_size(outcomes, [np.array([4.0, 8.0, 20.0])], rates=(1.0, 4.0))
+    # 1 FP/scan: threshold just above 0.1 -> 0.95 and 0.6 pass; 4 FP/scan: everything
+    assert [r["bin"] for r in rows] == ["3-6 mm", "6-10 mm", ">= 10 mm"]
+    assert [r["sensitivity"] for r in rows] == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    assert [r["nodules"] for r in rows] == [1, 1, 1]
+
+
+def test_pipeline_rescores_with_the_second_stage():
+    from noduledet.inference import Detector
+    from noduledet.pipeline import Pipeline
+    from tests.test_pipeline import BrightBlobs, _chest_with_nodule
+
+    volume, world = _chest_with_nodule(flipped=True)
+
+    class Constant(NoduleClassifier3D):
+        def forward(self, x):
+            return torch.full((len(x),), -1.0)  # sigmoid 0.269
+
+    cfg = Config()
+    detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
+    one = Pipeline(detector, EvalConfig(), cfg).run_volume(volume)
+    both = Pipeline(detector, EvalConfig(), cfg, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+    assert len(both.candidates) == len(one.candidates) == 1
+    assert both.stage1[0].probability == pytest.approx(0.9) and one.stage1 == one.candidates
+    c = both.candidates[0]
+    assert c.probability == pytest.approx((0.9 + 1 / (1 + np.e)) / 2) and c.stage1 == pytest.approx(0.9)  # mean
+    assert np.linalg.norm(c.world_xyz - world) < 0.8 and "stage2_s" in both.timings
+    assert c.to_dict()["stage1_probability"] == pytest.approx(0.9)
