@@ -7,6 +7,7 @@ Every reader returns a ``CTVolume``: Hounsfield units as int16 in (z, y, x) orde
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import SimpleITK as sitk
 
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -296,6 +299,8 @@ class _Slice:
     orientation: np.ndarray  # ImageOrientationPatient (6,)
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
     shape: tuple[int, int]
+    modality: str = "CT"
+    rescaled: bool = True  # carries RescaleSlope and RescaleIntercept
 
 
 def _scan_dicom_folder(folder: Path) -> list[_Slice]:
@@ -317,19 +322,15 @@ def _scan_dicom_folder(folder: Path) -> list[_Slice]:
                 np.array([float(v) for v in ds.ImageOrientationPatient]),
                 (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
                 (int(ds.Rows), int(ds.Columns)),
+                str(ds.get("Modality", "CT")), "RescaleSlope" in ds and "RescaleIntercept" in ds,
             ))
         except (AttributeError, ValueError, IndexError, TypeError) as err:
             raise UserError(f"{path}: DICOM image without usable geometry ({err})") from None
     return slices
 
 
-def _series_slices(folder: Path, series: str | None) -> tuple[list[_Slice], float]:
-    """One series' slices sorted along the slice normal, and its slice step in mm.
-
-    A folder with no images, several series (unless ``series`` picks one), slices of different
-    size or orientation, a missing slice or uneven spacing is refused.
-    """
-    slices = _scan_dicom_folder(folder)
+def _choose_series(folder: Path, slices: list[_Slice], series: str | None) -> list[_Slice]:
+    """The slices of ``series``, or of the folder's only series."""
     if not slices:
         raise UserError(f"{folder}: no DICOM images")
     by_series: dict[str, list[_Slice]] = {}
@@ -340,15 +341,54 @@ def _series_slices(folder: Path, series: str | None) -> tuple[list[_Slice], floa
         raise UserError(f"{folder}: {len(by_series)} series in one folder: {listing}; choose one with --series UID")
     if series is not None and series not in by_series:
         raise UserError(f"{folder}: no series {series}; found {sorted(by_series)}")
-    chosen = by_series[series or next(iter(by_series))]
-    if len(chosen) < 2:
-        raise UserError(f"{folder}: a single image is not a CT volume")
+    return by_series[series or next(iter(by_series))]
+
+
+def _check_alike(folder: Path, chosen: list[_Slice]) -> None:
+    """Refuse a series that is not CT, too short, or whose images differ in size, orientation
+    or pixel spacing."""
     first = chosen[0]
+    other = next((s for s in chosen if s.modality != "CT"), None)
+    if other is not None:
+        raise UserError(f"{other.path}: modality {other.modality}, not CT; noduledet reads CT (Hounsfield units)")
+    _check_slices(len(chosen), str(folder))
     for s in chosen:
-        if s.shape != first.shape or not np.allclose(s.orientation, first.orientation, atol=1e-4):
-            raise UserError(f"{s.path}: size or orientation differs from {first.path.name}")
-    row, col = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row, col)
+        if s.shape != first.shape:
+            raise UserError(f"{s.path}: {s.shape[0]}x{s.shape[1]} pixels where {first.path.name} has "
+                            f"{first.shape[0]}x{first.shape[1]}; one series has one image size")
+        if not np.allclose(s.orientation, first.orientation, atol=1e-4):
+            raise UserError(f"{s.path}: orientation differs from {first.path.name}")
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise UserError(f"{s.path}: pixel spacing {s.pixel_spacing} mm differs from {first.path.name}'s "
+                            f"{first.pixel_spacing}")
+
+
+def _check_tilt(folder: Path, chosen: list[_Slice]) -> None:
+    """Refuse slices that step obliquely to their normal (a gantry tilt): the voxels of such a
+    series are sheared, which no orthonormal direction describes. Sideways drift over the whole
+    series below half a pixel is rounding and passes."""
+    first, last = chosen[0], chosen[-1]
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    step = last.position - first.position
+    along = float(step @ normal)
+    drift = float(np.linalg.norm(step - along * normal))
+    if drift > 0.5 * min(first.pixel_spacing):
+        angle = float(np.degrees(np.arctan2(drift, abs(along))))
+        raise UserError(f"{folder}: gantry tilt of {angle:.1f} degrees (the slices drift {drift:.1f} mm sideways "
+                        f"over {abs(along):.1f} mm); resample it to an untilted grid first")
+
+
+def _series_slices(folder: Path, series: str | None) -> tuple[list[_Slice], float]:
+    """One series' slices sorted along the slice normal, and its slice step in mm.
+
+    A folder with no images, several series (unless ``series`` picks one), an image that is not
+    CT, fewer than ``MIN_SLICES`` slices, slices of different size or orientation, a gantry tilt,
+    a missing slice or uneven spacing is refused.
+    """
+    chosen = _choose_series(folder, _scan_dicom_folder(folder), series)
+    _check_alike(folder, chosen)
+    first = chosen[0]
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
     chosen.sort(key=lambda s: float(s.position @ normal))
     z = np.array([s.position @ normal for s in chosen])
     gaps = np.diff(z)
@@ -364,6 +404,7 @@ def _series_slices(folder: Path, series: str | None) -> tuple[list[_Slice], floa
                 else f"uneven spacing ({gaps[i]:.3f} mm where the series steps {step:.3f} mm)")
         raise UserError(f"{folder}: {what} between {chosen[i].path.name} (at {z[i]:.2f} mm) and "
                         f"{chosen[i + 1].path.name} (at {z[i + 1]:.2f} mm)")
+    _check_tilt(folder, chosen)
     return chosen, step
 
 
@@ -377,9 +418,14 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
     """Read one DICOM series from a folder.
 
     Slices are sorted by their position along the slice normal (``dicom_series_files``);
-    rescale slope/intercept are applied.
+    rescale slope/intercept are applied. Images without them (a CT image must carry them) are
+    read as slope 1, intercept 0, with a warning.
     """
     chosen, step = _series_slices(folder, series)
+    unscaled = sum(not s.rescaled for s in chosen)
+    if unscaled:
+        log.warning(f"{folder}: {unscaled} of {len(chosen)} images without RescaleSlope/RescaleIntercept; "
+                    f"assuming slope 1 and intercept 0 (stored values are HU)")
     first = chosen[0]
     row, col = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row, col)
@@ -391,12 +437,8 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
         raise UserError(f"{folder}: unreadable DICOM pixel data ({_itk_reason(err)})") from None
     hu = _to_hu(sitk.GetArrayFromImage(image), str(folder))
     direction = np.stack([row, col, normal], axis=1)  # columns: index axes x, y, z
-    geometry = Geometry(
-        (first.pixel_spacing[1], first.pixel_spacing[0], step),
-        tuple(float(v) for v in first.position),
-        tuple(float(v) for v in direction.ravel()),
-        tuple(hu.shape),
-    )
+    geometry = _geometry((first.pixel_spacing[1], first.pixel_spacing[0], step), first.position, direction.ravel(),
+                         hu.shape, str(folder))
     return CTVolume(hu, geometry, str(folder))
 
 
