@@ -113,7 +113,7 @@ def _froc(args: argparse.Namespace) -> int:
     from noduledet.metrics.froc import FP_LABELS, froc, plot_froc
 
     ann = read_findings(args.annotations, ANNOTATION_COLUMNS)
-    exc = read_findings(args.excluded, ANNOTATION_COLUMNS) if args.excluded else Findings.empty()
+    exc = read_findings(args.excluded, ANNOTATION_COLUMNS, unknown_diameter=True) if args.excluded else Findings.empty()
     cand = read_findings(args.candidates, PREDICTION_COLUMNS)
     if args.scans:
         scans = read_uid_list(args.scans)
