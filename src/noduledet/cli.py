@@ -109,12 +109,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_picture_path(path: Path) -> None:
+    """Refuse a picture path matplotlib cannot write: a format it does not know (or none), a
+    folder, or a folder that does not exist."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lower().lstrip(".") not in formats or path.is_dir():
+        raise UserError(f"{path}: not a picture file name; end it in one of .{', .'.join(formats)}")
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: no folder {path.parent} to write it in")
+
+
 def _froc(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from noduledet.data.luna16 import ANNOTATION_COLUMNS, PREDICTION_COLUMNS, Findings, read_findings, read_uid_list
     from noduledet.metrics.froc import FP_LABELS, froc, plot_froc
 
+    for name in ("max_candidates", "bootstrap"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    if args.plot:
+        _check_picture_path(args.plot)
     ann = read_findings(args.annotations, ANNOTATION_COLUMNS)
-    exc = read_findings(args.excluded, ANNOTATION_COLUMNS) if args.excluded else Findings.empty()
+    exc = read_findings(args.excluded, ANNOTATION_COLUMNS, unknown_diameter=True) if args.excluded else Findings.empty()
     cand = read_findings(args.candidates, PREDICTION_COLUMNS)
     if args.scans:
         scans = read_uid_list(args.scans)
@@ -124,6 +143,14 @@ def _froc(args: argparse.Namespace) -> int:
         note = f"{len(scans)} scans that have candidates (pass --scans to count scans without any)"
     r = froc(ann, exc, cand, scans, args.max_candidates, args.bootstrap, args.seed)
     print(f"{note}; {r.nodules} nodules, {r.detected} hit by a candidate")
+    others = len(ann) - len(ann.for_scans(scans))
+    if others:
+        print(f"{args.annotations}: {others} nodules in scans not evaluated, left out")
+    counts = np.unique(cand.for_scans(scans).uids, return_counts=True)[1]
+    over = int((counts > args.max_candidates).sum()) if args.max_candidates else 0
+    if over:
+        print(f"{over} scans have more than {args.max_candidates} candidates: the {args.max_candidates} most probable "
+              f"of each count (LUNA16's rule; --max-candidates 0 counts all)")
     print("FP/scan      " + "  ".join(f"{x:>9}" for x in FP_LABELS))
     print("sensitivity  " + "  ".join(f"{s:9.4f}" for s in r.sensitivities))
     if args.bootstrap:

@@ -71,40 +71,67 @@ class Findings:
         return cls(np.array([], dtype=str), np.zeros((0, 3)), np.zeros(0), source)
 
 
-def read_findings(path: str | Path, columns: tuple[str, ...] = ANNOTATION_COLUMNS) -> Findings:
+def read_findings(path: str | Path, columns: tuple[str, ...] = ANNOTATION_COLUMNS,
+                  unknown_diameter: bool = False) -> Findings:
     """Read a LUNA16 CSV with ``columns`` (seriesuid, coordX, coordY, coordZ, <value>).
 
-    Extra columns are kept in ``extra`` as strings. A missing file, missing columns or a
-    non-numeric cell raise ``UserError`` naming the file (and line).
+    Columns are found by name, in any order; extra columns are kept in ``extra`` as strings.
+    A missing file, missing columns, a row of too few or too many cells, a cell that is not a
+    finite number, or a ``diameter_mm`` that is not positive raise ``UserError`` naming the
+    file and line.
+
+    Args:
+        unknown_diameter: allow a negative ``diameter_mm``, LUNA16's mark (-1) of a finding
+            without one (annotations_excluded.csv).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    with open(path, newline="") as f:
+    try:
+        return _read_findings(path, columns, unknown_diameter)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text CSV (byte {err.start} is not UTF-8)") from None
+
+
+def _read_findings(path: Path, columns: tuple[str, ...], unknown_diameter: bool) -> Findings:
+    uids, xyz, value = [], [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
-        header = reader.fieldnames
+        header = [(h or "").strip() for h in reader.fieldnames or []]
         if not header:
             raise UserError(f"{path}: empty file (expected the header {','.join(columns)})")
-        header = [h.strip() for h in header]
         missing = [c for c in columns if c not in header]
         if missing:
             raise UserError(f"{path}: missing column(s) {missing}; found {header}; expected {list(columns)}")
-        uids, xyz, value = [], [], []
-        extra_cols = [h for h in header if h not in columns]
-        extra: dict[str, list[str]] = {c: [] for c in extra_cols}
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in row.items()}
-            try:
-                xyz.append([float(row[c]) for c in columns[1:4]])
-                value.append(float(row[columns[4]]))
-            except (TypeError, ValueError):
-                bad = next(c for c in columns[1:] if not _is_number(row.get(c)))
-                raise UserError(f"{path}:{line}: {bad}={row.get(bad)!r} is not a number") from None
+        reader.fieldnames = header
+        extra: dict[str, list[str]] = {c: [] for c in header if c not in columns}
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row.values() or None in row:  # DictReader's marks of a short and a long row
+                raise UserError(f"{where}: {'fewer' if None in row.values() else 'more'} cells than the "
+                                f"{len(header)} of the header")
+            numbers = [_number(where, c, row[c]) for c in columns[1:5]]
+            if columns[4] == "diameter_mm" and not (numbers[3] > 0 or (unknown_diameter and numbers[3] < 0)):
+                raise UserError(f"{where}: diameter_mm={row['diameter_mm'].strip()}; a nodule's diameter is positive"
+                                + (" (-1: unknown)" if unknown_diameter else ""))
             uids.append(row["seriesuid"].strip())
-            for c in extra_cols:
-                extra[c].append(row.get(c) or "")
+            xyz.append(numbers[:3])
+            value.append(numbers[3])
+            for c in extra:
+                extra[c].append(row[c])
     return Findings(np.array(uids, dtype=str), np.array(xyz, dtype=float).reshape(-1, 3),
                     np.array(value, dtype=float), str(path), {k: np.array(v) for k, v in extra.items()})
+
+
+def _number(where: str, column: str, cell: str) -> float:
+    """A cell as a finite float, or a ``UserError`` naming the line and column."""
+    try:
+        v = float(cell)
+    except ValueError:
+        raise UserError(f"{where}: {column}={cell!r} is not a number") from None
+    if not np.isfinite(v):
+        raise UserError(f"{where}: {column}={cell.strip()} is not a finite number")
+    return v
 
 
 def write_findings(path: str | Path, findings: Findings, value_column: str = "diameter_mm",
@@ -123,20 +150,16 @@ def write_findings(path: str | Path, findings: Findings, value_column: str = "di
                         f"{findings.value[i]:.6g}", *(findings.extra[k][i] for k in extras)])
 
 
-def _is_number(s) -> bool:
-    try:
-        float(s)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def read_uid_list(path: str | Path) -> list[str]:
     """One seriesuid per line (a header line ``seriesuid`` is skipped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    uids = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text list of seriesuids (byte {err.start} is not UTF-8)") from None
+    uids = [line.split(",")[0].strip() for line in lines]
     return [u for u in uids if u and u != "seriesuid"]
 
 
@@ -183,7 +206,7 @@ class Luna16:
     def excluded(self) -> Findings:
         """annotations_excluded.csv, or no rows when the file is absent."""
         p = self.csv_path("annotations_excluded.csv", required=False)
-        return read_findings(p, ANNOTATION_COLUMNS) if p else Findings.empty()
+        return read_findings(p, ANNOTATION_COLUMNS, unknown_diameter=True) if p else Findings.empty()
 
     def candidates(self) -> Findings:
         p = self.csv_path("candidates_V2.csv", required=False) or self.csv_path("candidates.csv")
