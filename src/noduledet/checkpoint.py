@@ -70,6 +70,15 @@ class Checkpoint:
         return replace(self, training=None, path=None)
 
 
+def load_weights(module: torch.nn.Module, state: dict, path: Path | None, what: str) -> None:
+    """``module.load_state_dict(state)``, refused in one line when the weights do not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:160]
+        raise UserError(f"{path}: the weights do not fit {what} ({first})") from None
+
+
 def save(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write ``checkpoint`` to ``path`` atomically."""
     path = Path(path)

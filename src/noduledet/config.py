@@ -137,6 +137,20 @@ CHOICES = {  # section.key -> allowed values (the model names come from nodulede
 }
 
 
+def check_eval(e: EvalConfig, source: str) -> None:
+    """Refuse evaluation settings that cannot work (also after command-line overrides)."""
+    if e.engine not in CHOICES["eval.engine"]:
+        raise UserError(f"{source}: eval.engine={e.engine!r}; choose from {sorted(CHOICES['eval.engine'])}")
+    for name in ("batch_size", "max_candidates"):
+        if getattr(e, name) < 1:
+            raise UserError(f"{source}: eval.{name}={getattr(e, name)}; it must be at least 1 (--{name.replace('_', '-')})")
+    if not 0 <= e.score_threshold <= 1:
+        raise UserError(f"{source}: eval.score_threshold={e.score_threshold:g}; a probability is between 0 and 1")
+    if e.slice_step_mm > e.link_mm:
+        raise UserError(f"{source}: eval.slice_step_mm={e.slice_step_mm:g} exceeds eval.link_mm={e.link_mm:g}: "
+                        f"detections on the slices looked at could no longer join")
+
+
 def _check_choices(cfg: Config, source: str) -> None:
     """Refuse a value outside its allowed set, naming the choices."""
     from noduledet.models.detector import PRESETS, VARIANTS
@@ -147,9 +161,11 @@ def _check_choices(cfg: Config, source: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
-    if cfg.eval.slice_step_mm > cfg.eval.link_mm:
-        raise UserError(f"{source}: eval.slice_step_mm={cfg.eval.slice_step_mm:g} exceeds eval.link_mm="
-                        f"{cfg.eval.link_mm:g}: detections on the slices looked at could no longer join")
+    check_eval(cfg.eval, source)
+    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "data.patch"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

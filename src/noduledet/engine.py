@@ -137,7 +137,9 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}}
 
     def restore(self, ckpt: Checkpoint) -> None:
-        self.model.load_state_dict(ckpt.model)
+        if ckpt.variant != self.model.variant:
+            raise UserError(f"{ckpt.path}: a {ckpt.variant} run; the config says model.variant={self.model.variant}")
+        checkpoint.load_weights(self.model, ckpt.model, ckpt.path, f"the {self.model.variant} variant of the config")
         s = ckpt.training
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from noduledet.boxes import scale_boxes, shift_boxes
-from noduledet.checkpoint import Checkpoint
+from noduledet.checkpoint import Checkpoint, load_weights
 from noduledet.data.slices import resample, resample_masks, sample_planes, window, working_shape
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
@@ -64,7 +64,7 @@ class Detector:
                         engine: str = "torch", channels_last: bool = True) -> Detector:
         """The checkpoint's model with the sampling of its run."""
         model = build_from_spec(ckpt.variant, DetectorSpec.from_dict(ckpt.spec))
-        model.load_state_dict(ckpt.model)
+        load_weights(model, ckpt.model, ckpt.path, f"the {ckpt.variant} variant its spec describes")
         data = ckpt.config.data
         return cls(model, data.offsets_mm, data.window_hu, device, batch_size, engine, channels_last, data.pixel_mm)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from noduledet import checkpoint
-from noduledet.config import Config, EvalConfig
+from noduledet.config import Config, EvalConfig, check_eval
 from noduledet.data.ct import CTVolume
 from noduledet.data.luna16 import Findings
 from noduledet.data.lung import ScanRegion, segment_lungs
@@ -96,11 +96,12 @@ class Pipeline:
             settings = replace(ckpt.config.eval, **overrides)
         except TypeError as err:
             raise UserError(f"unknown evaluation option: {err}") from None
+        check_eval(settings, "the evaluation settings")
         detector = Detector.from_checkpoint(ckpt, device, settings.batch_size, settings.engine)
         classifier = None
         if stage2 and ckpt.stage2 is not None:
             classifier = NoduleClassifier3D(ClassifierSpec.from_dict(ckpt.stage2["spec"]))
-            classifier.load_state_dict(ckpt.stage2["state"])
+            checkpoint.load_weights(classifier, ckpt.stage2["state"], ckpt.path, "its second stage")
         return cls(detector, settings, ckpt.config, ckpt.epoch, classifier, ckpt.operating_points)
 
     def region(self, volume: CTVolume) -> ScanRegion:
