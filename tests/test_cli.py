@@ -4,7 +4,8 @@ from noduledet.cli import build_parser, main
 from noduledet.models import build_detector
 from noduledet.models.detector import count_parameters
 
-COMMANDS = ["models", "phantom", "lidc-annotations", "prepare", "train", "evaluate", "froc", "predict", "demo", "compare"]
+COMMANDS = ["models", "phantom", "lidc-annotations", "prepare", "train", "evaluate", "froc", "predict", "gather", "demo",
+            "compare"]
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -141,3 +141,36 @@ def test_refused_upload_reports_the_server_status_and_stores_nothing(pacs, tmp_p
         ds.save_as(path)
     _one_line_error(lambda: store_files(pacs, paths), r"upload of 2 file\(s\) to study .* refused: HTTP 403")
     _one_line_error(lambda: find_series(pacs, REFUSED_STUDY), "not found")
+
+
+def test_predict_reads_from_the_pacs_and_stores_its_report_there(pacs, phantom_root, random_checkpoint, tmp_path,
+                                                                   capsys):
+    """A phantom scan as a DICOM series goes into the PACS; noduledet predict --dicomweb fetches it,
+    predicts and stores the SR back; the SR found in the PACS holds the findings of a run on the file."""
+    from noduledet.cli import main
+    from noduledet.data.ct import read_ct, write_dicom
+    from noduledet.data.luna16 import Luna16
+
+    data = Luna16(phantom_root)
+    volume = read_ct(data.scan_path(data.uids[0]))
+    paths = write_dicom(volume, tmp_path / "ct")
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    store_files(pacs, paths)
+    options = ["--checkpoint", str(random_checkpoint), "--score-threshold", "0.3", "--no-pictures"]
+    assert main(["predict", str(tmp_path / "ct"), "-o", str(tmp_path / "file"), *options]) == 0
+    local = read_sr(tmp_path / "file" / series / "sr.dcm")
+    scan = json.loads((tmp_path / "file" / series / "scan.json").read_text())
+    assert 0 < len(local) == sum(c["probability"] >= 0.3 for c in scan["candidates"])
+    capsys.readouterr()
+    assert main(["predict", "--dicomweb", pacs, "--study", study, "-o", str(tmp_path / "pacs"), "--store", *options]) == 0
+    assert "stored 1 object(s)" in capsys.readouterr().out
+    reports = find_series(pacs, study, modality="SR")
+    assert len(reports) == 1
+    got = read_sr(next(fetch_series(pacs, study, tmp_path / "sr", series=reports[0].uid).iterdir()))
+    assert len(got) == len(local)
+    for a, b in zip(got, local):
+        assert np.allclose(a.world_xyz, b.world_xyz, atol=0.1)
+        assert (a.rank, a.diameter_mm, a.probability) == (b.rank, b.diameter_mm, b.probability)
+    assert main(["predict", "--dicomweb", pacs, "--study", "1.2.3.4.5", "-o", str(tmp_path / "none"), *options]) == 2
+    assert "study 1.2.3.4.5 not found" in capsys.readouterr().err and not (tmp_path / "none").exists()

@@ -163,15 +163,37 @@ def _froc(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from noduledet.predict import predict
+    from noduledet.batch import parse_shard
+    from noduledet.predict import PredictOptions, predict, predict_dicomweb
 
     _join_torchrun(args.device)
-    summaries = predict(args.inputs, args.checkpoint, args.out, _given(args, "score_threshold", "batch_size", "engine"),
-                        series=args.series, top=args.top, pictures=not args.no_pictures, force=args.force,
-                        device=args.device, operating_point=args.operating_point,
-                        progress=_progress("predict", "scan"), log=print)
+    options = PredictOptions(series=args.series, top=args.top, pictures=not args.no_pictures,
+                             operating_point=args.operating_point, reports=not args.no_reports,
+                             viewer=not args.no_viewer)
+    common = dict(overrides=_given(args, "score_threshold", "batch_size", "engine"), options=options, force=args.force,
+                  resume=args.resume, shard=parse_shard(args.shard) if args.shard else None, device=args.device,
+                  progress=_progress("predict", "scan"), log=print)
+    if args.dicomweb:
+        if not args.study or args.inputs or args.manifest:
+            raise UserError("--dicomweb URL takes --study UID (and --series UID), and no other inputs")
+        summaries = predict_dicomweb(args.dicomweb, args.study, args.series, args.checkpoint, args.out,
+                                     store=args.store, **common)
+    else:
+        if args.store or args.study:
+            raise UserError("--store and --study go with --dicomweb URL")
+        if not args.inputs and not args.manifest:
+            raise UserError("no inputs: name scans, folders or LUNA16 roots, or pass --manifest or --dicomweb")
+        summaries = predict(args.inputs, args.checkpoint, args.out, manifest=args.manifest, **common)
     if summaries:  # rank 0 (the others return nothing)
-        print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>/")
+        print(f"{len(summaries)} scans; candidates: {args.out / 'candidates.csv'}; per scan: {args.out}/<name>/"
+              + ("; viewer: " + str(args.out / "index.html") if options.viewer else ""))
+    return 0
+
+
+def _gather(args: argparse.Namespace) -> int:
+    from noduledet.batch import gather
+
+    gather(args.shards, args.out, force=args.force, allow_missing=args.allow_missing)
     return 0
 
 
@@ -286,8 +308,12 @@ def _add_froc(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="nodule candidates for CT scans (mhd, DICOM, NIfTI, LUNA16 root)")
-    p.add_argument("inputs", nargs="+", type=Path, help=".mhd/.nii/.nii.gz files, DICOM folders, folders of scans, LUNA16 roots")
+    p = sub.add_parser("predict", help="nodule candidates for CT scans (mhd, DICOM, NIfTI, LUNA16 root, a PACS)")
+    p.add_argument("inputs", nargs="*", type=Path, help=".mhd/.nii/.nii.gz files, DICOM folders, folders of scans, LUNA16 roots")
+    p.add_argument("--manifest", type=Path, help="a file listing inputs, one a line (relative to its folder; # comments)")
+    p.add_argument("--dicomweb", metavar="URL", help="read the series from this DICOMweb server (QIDO/WADO-RS) ...")
+    p.add_argument("--study", metavar="UID", help="... this StudyInstanceUID (its only CT series unless --series)")
+    p.add_argument("--store", action="store_true", help="send the SR (and SEG) back to the --dicomweb server (STOW-RS)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--series", help="SeriesInstanceUID to read from a DICOM folder holding several")
@@ -300,9 +326,22 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default: the checkpoint's, 4)")
     p.add_argument("--engine", choices=["torch", "onnx"],
                    help="onnx: the convolutions on ONNX Runtime (CPU, Faster R-CNN); same boxes, faster")
+    p.add_argument("--no-reports", action="store_true", help="no DICOM SR/SEG for DICOM inputs")
+    p.add_argument("--no-viewer", action="store_true", help="no OUT/index.html")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT: skip the scans it finished")
+    p.add_argument("--shard", metavar="I/N", help="only every N-th scan of the sorted inputs, from the I-th (0..N-1)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_predict)
+
+
+def _add_gather(sub) -> None:
+    p = sub.add_parser("gather", help="merge the outputs of predict --shard runs into one CSV and summary")
+    p.add_argument("shards", nargs="+", type=Path, help="the shards' output folders")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--allow-missing", action="store_true", help="merge even when some scans are in no shard")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_gather)
 
 
 def _add_demo(sub) -> None:
@@ -336,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
     parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_models, _add_phantom, _add_lidc_annotations, _add_prepare, _add_train, _add_evaluate, _add_froc, _add_predict, _add_demo, _add_compare):
+    for add in (_add_models, _add_phantom, _add_lidc_annotations, _add_prepare, _add_train, _add_evaluate, _add_froc, _add_predict, _add_gather,
+                _add_demo, _add_compare):
         add(sub)
     return parser
 

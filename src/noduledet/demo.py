@@ -50,7 +50,7 @@ def _run_stages(tmp: Path, cfg: Config, seed: int, scans: int, size: int, log, p
     from noduledet.data.luna16 import Luna16
     from noduledet.data.phantom import write_dataset
     from noduledet.evaluate import evaluate
-    from noduledet.predict import predict
+    from noduledet.predict import PredictOptions, predict
     from noduledet.progress import reporter
 
     stages: dict[str, float] = {}
@@ -76,7 +76,7 @@ def _run_stages(tmp: Path, cfg: Config, seed: int, scans: int, size: int, log, p
             test = json.loads((tmp / "run" / "splits.json").read_text())["test"]
             chosen = [u for u in test if len(annotations.for_scan(u))][:2] or test[:2]
             results["predict"] = predict([data.scan_path(u) for u in chosen], tmp / "run" / "best.pt",
-                                         tmp / "predict", top=3, log=None)
+                                         tmp / "predict", options=PredictOptions(top=3), log=None)
             results["annotations"] = annotations
         stages[name] = time.perf_counter() - t
     return stages, results

@@ -1,38 +1,41 @@
-"""``noduledet predict``: nodule candidates for any CT, in world millimetres, with pictures.
+"""``noduledet predict``: nodule candidates for any CT, in world millimetres, where they are read.
 
 Inputs: ``.mhd`` files, ``.nii``/``.nii.gz`` files, DICOM series folders, folders of such files,
-or a LUNA16 root (``subset*/``). Each scan goes through the ``Pipeline`` (read -> lung mask ->
-scan region -> detector -> 3D merge) and its outputs land in ``OUT/<name>/`` as soon as it is
-done (written beside, then renamed: a folder there is complete)::
+a LUNA16 root (``subset*/``), a manifest (one path a line) or a series on a DICOMweb server
+(a PACS). Each scan goes through the ``Pipeline`` (read -> lung mask -> scan region -> stage one
+-> 3D merge -> stage two) and its outputs land in ``OUT/<name>/`` as soon as it is done
+(written beside, then renamed: a folder there is complete)::
 
-    OUT/run.json              the inputs, checkpoint and settings of the run
-    OUT/<name>/scan.json      status, timings, each candidate's world and voxel position, slice,
-                              diameter estimate and probability
+    OUT/<name>/scan.json      status, timings, the findings counted at each operating point, each
+                              candidate's world and voxel position, slice, diameter and probability
     OUT/<name>/candidates.csv the scan's rows in LUNA16 format
     OUT/<name>/top<k>.png     the top candidates on their axial slices in a lung window
-    OUT/<name>/mask.nii.gz    with a Mask R-CNN checkpoint: the candidates' masks, in the input's geometry
-    OUT/candidates.csv        every scan (LUNA16 format), and
-    OUT/summary.json          every scan's status: both written last, from the scans' folders
-    OUT/findings.csv          with ``operating_point``: only the candidates at or above the threshold
-                              calibrated for that many false positives per scan (what a reader reviews)
+    OUT/<name>/mask.nii.gz    with a Mask R-CNN checkpoint: the findings' masks, in the input's geometry
+    OUT/<name>/sr.dcm         for a DICOM input with findings: a TID 1500 measurement report
+    OUT/<name>/seg.dcm        ... and, with a Mask R-CNN checkpoint, a DICOM segmentation
+    OUT/index.html            an offline viewer of the findings of every scan
 
-An existing ``OUT`` is replaced only with ``force``. Under ``torchrun`` the scans are shared out
-among the processes; rank 0 writes the two files at the end.
+``OUT/run.json``, ``candidates.csv``, ``summary.json`` and ``findings.csv`` are the run's
+(``noduledet.batch``: resume, shards, gather). The findings are the candidates at or above the
+operating point (``--operating-point``, calibrated on validation scans) or ``score_threshold``.
+Under ``torchrun`` the scans are shared out among the processes; rank 0 merges at the end.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from noduledet import __version__, plots
-from noduledet.data.ct import CTVolume, ct_kind, read_ct, write_ct
-from noduledet.data.luna16 import PREDICTION_COLUMNS, Findings, read_findings, write_findings
+from noduledet import plots
+from noduledet.batch import (ScanInput, done, expand_inputs, merge, open_run, read_manifest, run_record)
+from noduledet.data.ct import CTVolume, read_ct, write_ct
+from noduledet.data.luna16 import write_findings
 from noduledet.distributed import barrier, rank_and_world, resolve_device
 from noduledet.errors import UserError
 from noduledet.geometry import voxel_to_pixel
@@ -40,88 +43,22 @@ from noduledet.merge import Candidate
 from noduledet.metrics.froc import fp_label
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
-from noduledet.staging import atomic_write, refuse_existing, staged_dir, write_json
+from noduledet.staging import staged_dir, write_text
+
+__all__ = ["PredictOptions", "ScanInput", "expand_inputs", "predict", "predict_scan"]
 
 
-@dataclass
-class ScanInput:
-    path: Path
-    name: str  # seriesuid for LUNA16, DICOM and MetaImage inputs; file name stem for NIfTI
+@dataclass(frozen=True)
+class PredictOptions:
+    """What a predict run writes besides the candidates (recorded in ``run.json``)."""
 
-
-def _dicom_series_uid(folder: Path) -> str | None:
-    import pydicom
-
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            return str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
-        except Exception:  # not DICOM: try the next file
-            continue
-    return None
-
-
-def expand_inputs(paths: list[str | Path]) -> list[ScanInput]:
-    """Every scan named by ``paths`` (files, DICOM folders, folders of scans, LUNA16 roots)."""
-    out: list[ScanInput] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise UserError(f"{p}: no such file or folder")
-        if p.is_dir():
-            luna = sorted(p.glob("subset*/*.mhd"))
-            files = sorted(f for f in p.iterdir() if f.is_file() and ct_kind(f) in ("mhd", "nifti"))
-            if luna or files:
-                out += [ScanInput(f, _stem(f)) for f in (luna or files)]
-            else:
-                out.append(ScanInput(p, _dicom_series_uid(p) or p.name))
-        elif ct_kind(p) in ("mhd", "nifti"):
-            out.append(ScanInput(p, _stem(p)))
-        else:
-            raise UserError(f"{p}: unknown CT format (expected .mhd, .nii, .nii.gz, a DICOM folder or a LUNA16 root)")
-    seen: dict[str, int] = {}
-    for s in out:  # two inputs of one name (the same scan as mhd and DICOM, say) keep apart
-        seen[s.name] = seen.get(s.name, 0) + 1
-        if seen[s.name] > 1:
-            s.name = f"{s.name}_{seen[s.name]}"
-    if not out:
-        raise UserError("no scans among the inputs")
-    return out
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, series: str | None = None, top: int = 5,
-                 pictures: bool = True) -> dict:
-    """Run one scan through the pipeline and write its outputs into ``folder`` (a staging folder,
-    renamed by the caller); return its summary."""
-    t = time.perf_counter()
-    volume = read_ct(scan.path, series)
-    read_s = time.perf_counter() - t
-    result = pipeline.run_volume(volume)
-    t = time.perf_counter()
-    if pictures:
-        for k, c in enumerate(result.candidates[:top]):
-            draw_candidate(volume, c, k + 1, folder / f"top{k + 1}.png")
-    if pipeline.detector.masks and result.candidates:
-        write_mask(volume, result, folder / "mask.nii.gz")
-    write_findings(folder / "candidates.csv", candidates_table({scan.name: result.candidates}), "probability")
-    timings = {"read_s": read_s, **result.timings, "outputs_s": time.perf_counter() - t}
-    parts = ("slice_preparation_s", "detector_s")  # inside slices_and_detector_s
-    summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
-               "spacing_xyz": list(volume.geometry.spacing), "status": result.status,
-               **_findings_at(pipeline.operating_points, result.candidates),
-               "slices": len(result.region.lung_slices), "region_start_zyx": list(result.region.start_zyx),
-               "region_shape_zyx": list(result.region.shape_zyx),
-               "timings": {k: round(v, 3) for k, v in timings.items()},
-               "seconds": round(sum(v for k, v in timings.items() if k not in parts), 3)}
-    (folder / "scan.json").write_text(json.dumps({**summary, "candidates": [c.to_dict() for c in result.candidates]},
-                                                 indent=1))
-    return summary
+    series: str | None = None  # SeriesInstanceUID to read from a DICOM folder holding several
+    top: int = 5  # pictures of the most probable candidates per scan
+    pictures: bool = True
+    operating_point: float | None = None  # false positives per scan of a calibrated operating point
+    threshold: float = 0.5  # the findings' probability threshold (the operating point's when given)
+    reports: bool = True  # DICOM SR (and SEG) for DICOM inputs
+    viewer: bool = True  # OUT/index.html
 
 
 def _findings_at(points: dict | None, candidates: list[Candidate]) -> dict:
@@ -143,6 +80,39 @@ def operating_threshold(points: dict | None, rate: float, checkpoint: str | Path
     return points["thresholds"][points["fp_rates"].index(rate)]
 
 
+def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: PredictOptions = PredictOptions()) -> dict:
+    """Run one scan through the pipeline and write its outputs into ``folder`` (a staging folder,
+    renamed by the caller); return its summary."""
+    t = time.perf_counter()
+    volume = read_ct(scan.path, options.series)
+    read_s = time.perf_counter() - t
+    result = pipeline.run_volume(volume)
+    t = time.perf_counter()
+    if options.pictures:
+        for k, c in enumerate(result.candidates[:options.top]):
+            draw_candidate(volume, c, k + 1, folder / f"top{k + 1}.png")
+    labels = label_volume(volume, result, options.threshold) if pipeline.detector.masks and result.candidates else None
+    if labels is not None:
+        write_ct(CTVolume(labels, volume.geometry), folder / "mask.nii.gz")
+    write_findings(folder / "candidates.csv", candidates_table({scan.name: result.candidates}), "probability")
+    if options.reports and scan.path.is_dir():
+        write_reports(scan, result, labels, volume, folder, options)
+    if options.viewer:
+        write_viewer_payload(scan, volume, result, folder, options.threshold)
+    timings = {"read_s": read_s, **result.timings, "outputs_s": time.perf_counter() - t}
+    parts = ("slice_preparation_s", "detector_s")  # inside slices_and_detector_s
+    summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
+               "spacing_xyz": list(volume.geometry.spacing), "status": result.status,
+               **_findings_at(pipeline.operating_points, result.candidates),
+               "slices": len(result.region.lung_slices), "region_start_zyx": list(result.region.start_zyx),
+               "region_shape_zyx": list(result.region.shape_zyx),
+               "timings": {k: round(v, 3) for k, v in timings.items()},
+               "seconds": round(sum(v for k, v in timings.items() if k not in parts), 3)}
+    (folder / "scan.json").write_text(json.dumps({**summary, "candidates": [c.to_dict() for c in result.candidates]},
+                                                 indent=1))
+    return summary
+
+
 def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> None:
     """The candidate's axial slice in a lung window, whole and zoomed, circled."""
     k = int(np.clip(round(c.voxel_zyx[0]), 0, volume.hu.shape[0] - 1))
@@ -153,14 +123,12 @@ def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> Non
                     max(c.diameter_mm / 2, 2.0), title, path)
 
 
-def write_mask(volume: CTVolume, result: ScanResult, path: Path) -> None:
-    """Label volume (candidate rank, 1..255) from the Mask R-CNN masks of the candidates at the
-    operating point, in the input's geometry."""
+def label_volume(volume: CTVolume, result: ScanResult, threshold: float) -> np.ndarray:
+    """Label volume (finding rank, 1..255) from the Mask R-CNN masks of the candidates at or above
+    ``threshold``, in the input's geometry."""
     labels = np.zeros(volume.hu.shape, dtype=np.int16)
     z0, y0, x0 = result.region.start_zyx
-    for rank, c in enumerate(result.candidates[:255], start=1):
-        if c.probability < result.threshold:
-            continue
+    for rank, c in enumerate([c for c in result.candidates if c.probability >= threshold][:255], start=1):
         for k, j in c.members:
             d = result.detections[k]
             if d.masks is None:
@@ -169,60 +137,107 @@ def write_mask(volume: CTVolume, result: ScanResult, path: Path) -> None:
             y, x = y0 + d.origin_yx[0], x0 + d.origin_yx[1]
             view = labels[z0 + d.z, y:y + m.shape[0], x:x + m.shape[1]]
             view[(m > 0) & (view == 0)] = rank
-    write_ct(CTVolume(labels, volume.geometry), path)
+    return labels
 
 
-def collect(out: Path, scans: list[ScanInput], threshold: float | None = None) -> list[dict]:
-    """Rebuild ``candidates.csv`` and ``summary.json`` (and, with a ``threshold``, ``findings.csv``)
-    from the scans' folders; return the summaries."""
-    summaries, tables = [], []
-    for scan in scans:
-        folder = out / scan.name
-        summaries.append({k: v for k, v in json.loads((folder / "scan.json").read_text()).items() if k != "candidates"})
-        tables.append(read_findings(folder / "candidates.csv", PREDICTION_COLUMNS))
-    table = Findings(np.concatenate([t.uids for t in tables]), np.concatenate([t.xyz for t in tables]).reshape(-1, 3),
-                     np.concatenate([t.value for t in tables]))
-    atomic_write(out / "candidates.csv", lambda tmp: write_findings(tmp, table, "probability"))
-    if threshold is not None:
-        atomic_write(out / "findings.csv", lambda tmp: write_findings(tmp, table.select(table.value >= threshold),
-                                                                     "probability"))
-    write_json(out / "summary.json", summaries)
+def write_reports(scan: ScanInput, result: ScanResult, labels: np.ndarray | None, volume: CTVolume, folder: Path,
+                  options: PredictOptions) -> None:
+    """For a DICOM input with findings: ``sr.dcm`` (TID 1500) and, with masks, ``seg.dcm``."""
+    from noduledet.clinical import findings_from_candidates
+    from noduledet.clinical.seg import label_volumes_mm3, write_seg
+    from noduledet.clinical.source import read_series_headers
+    from noduledet.clinical.sr import write_sr
+
+    volumes = label_volumes_mm3(labels, volume.geometry.spacing) if labels is not None else None
+    findings = findings_from_candidates([c.to_dict() for c in result.candidates], options.threshold, volumes)
+    if not findings:
+        return  # a TID 1500 report needs a finding
+    sources = read_series_headers(scan.path, options.series)
+    write_sr(findings, sources, folder / "sr.dcm")
+    if labels is not None and labels.any():
+        write_seg(labels, findings, sources, folder / "seg.dcm")
+
+
+def write_viewer_payload(scan: ScanInput, volume: CTVolume, result: ScanResult, folder: Path,
+                         threshold: float) -> None:
+    """The scan's part of ``OUT/index.html``: its findings and the slices around them."""
+    from noduledet.clinical.viewer import ViewerScan, scan_payload
+
+    findings = [c.to_dict() for c in result.candidates if c.probability >= threshold]
+    payload = scan_payload(ViewerScan(scan.name, volume.hu, volume.geometry.spacing, findings))
+    (folder / "viewer.json").write_text(json.dumps(payload, separators=(",", ":")))
+
+
+def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
+    """The run's merged files and viewer from the scans' folders."""
+    summaries = merge([out / n for n in names], out, options.threshold if options.operating_point is not None else None)
+    if options.viewer:
+        from noduledet.clinical.viewer import page
+
+        payloads = [json.loads((out / n / "viewer.json").read_text()) for n in names]
+        write_text(out / "index.html", page(payloads))
     return summaries
 
 
 def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, overrides: dict | None = None,
-            series: str | None = None, top: int = 5, pictures: bool = True, force: bool = False,
-            device: str = "auto", operating_point: float | None = None, progress=None, log=print) -> list[dict]:
+            options: PredictOptions = PredictOptions(), force: bool = False, resume: bool = False,
+            shard: tuple[int, int] | None = None, manifest: str | Path | None = None, device: str = "auto",
+            progress=None, log=print) -> list[dict]:
     """Predict every input scan; see the module docstring for what lands in ``out``.
 
     Args:
         overrides: ``EvalConfig`` fields replacing the checkpoint's (score_threshold, batch_size, ...).
-        operating_point: false positives per scan of a calibrated operating point: its findings
-            go to ``findings.csv`` and the scans' status counts them.
+        options: pictures, reports, viewer and the operating point.
+        resume: skip the scans ``out`` already holds (the run must be the same).
+        shard: (I, N): every N-th scan of the sorted manifest, from the I-th.
+        manifest: a file listing more inputs, one a line.
 
     Returns:
-        Every scan's summary (on rank 0; the other ranks return an empty list).
+        The summaries of the scans of this run (on rank 0; the other ranks return an empty list).
     """
-    out = Path(out)
-    scans = expand_inputs(inputs)
+    out, checkpoint = Path(out), Path(checkpoint)
+    scans = expand_inputs(list(inputs) + (read_manifest(manifest) if manifest else []))
     pipeline = Pipeline.from_checkpoint(checkpoint, resolve_device(device), **(overrides or {}))
-    threshold = None
-    if operating_point is not None:
-        threshold = operating_threshold(pipeline.operating_points, operating_point, checkpoint)
+    threshold = pipeline.settings.score_threshold
+    if options.operating_point is not None:
+        threshold = operating_threshold(pipeline.operating_points, options.operating_point, checkpoint)
         pipeline.settings = replace(pipeline.settings, score_threshold=threshold)
+    options = replace(options, threshold=threshold)
+    mine = scans[shard[0]::shard[1]] if shard else scans
     rank, world = rank_and_world()
     if rank == 0:
-        refuse_existing(out, force)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        write_json(out / "run.json", {"noduledet": __version__, "checkpoint": str(checkpoint),
-                                      "settings": pipeline.settings.__dict__, "series": series,
-                                      "inputs": [str(s.path) for s in scans], "names": [s.name for s in scans]})
+        open_run(out, run_record(checkpoint, asdict(pipeline.settings), asdict(options), scans, shard), force, resume)
     barrier()
-    for scan in track(progress if rank == 0 else None, scans[rank::world]):
-        with staged_dir(out / scan.name) as folder:
-            summary = predict_scan(pipeline, scan, folder, series, top, pictures)
+    todo = [s for s in mine[rank::world] if not done(out, s.name)]
+    if rank == 0 and log and len(todo) < len(mine[rank::world]):
+        log(f"{out}: {len(mine) - len(todo)} scans already done, {len(todo)} to go")
+    for scan in track(progress if rank == 0 else None, todo):
+        with staged_dir(out / scan.name, force=True) as folder:
+            summary = predict_scan(pipeline, scan, folder, options)
         if rank == 0 and log:
             log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
     barrier()
-    return collect(out, scans, threshold) if rank == 0 else []
+    return finish(out, [s.name for s in mine], options) if rank == 0 else []
+
+
+def predict_dicomweb(url: str, study: str, series: str | None, checkpoint: str | Path, out: str | Path,
+                     store: bool = False, log=print, **kwargs) -> list[dict]:
+    """Fetch one series from a DICOMweb server, predict it into ``out``, and with ``store`` send
+    its SR (and SEG) back (STOW-RS)."""
+    from noduledet.clinical.dicomweb import fetch_series, store_files
+
+    fetched = Path(tempfile.mkdtemp(prefix="noduledet-dicomweb-"))
+    try:
+        folder = fetch_series(url, study, fetched / "series", series)
+        summaries = predict([folder], checkpoint, out, log=log, **kwargs)
+        reports = [Path(out) / s["name"] / f for s in summaries for f in ("sr.dcm", "seg.dcm")
+                   if (Path(out) / s["name"] / f).is_file()]
+        if store and reports:
+            stored = store_files(url, reports)
+            if log:
+                log(f"stored {len(stored)} object(s) in {url}: {', '.join(p.name for p in reports)}")
+        elif store and log:
+            log("no findings at the operating point: nothing to store")
+        return summaries
+    finally:
+        shutil.rmtree(fetched, ignore_errors=True)

@@ -110,10 +110,14 @@ def write_viewer(scans: Sequence[ViewerScan], out: str | Path, margin: int = 3, 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = json.dumps([scan_payload(s, margin, max_findings) for s in scans], separators=(",", ":"))
-    template = resources.files("noduledet.clinical").joinpath("viewer.html").read_text(encoding="utf-8")
-    page = (template.replace("{{TITLE}}", html.escape(f"noduledet: {len(scans)} scan(s)"))
-            .replace("{{DATA}}", data.replace("<", "\\u003c")))  # no "</script>" or "<!--" in the JSON
     path = out / "index.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page([scan_payload(s, margin, max_findings) for s in scans]), encoding="utf-8")
     return path
+
+
+def page(payloads: Sequence[dict]) -> str:
+    """The viewer's HTML for scans' ``scan_payload``s (``predict`` keeps one per scan folder)."""
+    data = json.dumps(list(payloads), separators=(",", ":"))
+    template = resources.files("noduledet.clinical").joinpath("viewer.html").read_text(encoding="utf-8")
+    return (template.replace("{{TITLE}}", html.escape(f"noduledet: {len(payloads)} scan(s)"))
+            .replace("{{DATA}}", data.replace("<", "\\u003c")))  # no "</script>" or "<!--" in the JSON

@@ -444,7 +444,8 @@ def read_dicom(folder: Path, series: str | None = None) -> CTVolume:
 
 def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
                 intercept: float = 0.0, slope: float = 1.0) -> list[Path]:
-    """Write the volume as a DICOM CT series, one file per slice.
+    """Write the volume as a DICOM CT series, one file per slice, with what a scanner's files
+    carry for reports to refer to them (frame of reference, patient and study attributes).
 
     Stored values are (HU - intercept) / slope, as signed 16 bits when they fit, else unsigned.
     """
@@ -456,7 +457,7 @@ def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
     g = volume.geometry
     d = np.asarray(g.direction, dtype=float).reshape(3, 3)
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
     stored = np.rint((volume.hu.astype(np.float64) - intercept) / slope)
     signed = stored.min() >= -32768 and stored.max() <= 32767
     if not signed and (stored.min() < 0 or stored.max() > 65535):
@@ -474,6 +475,10 @@ def write_dicom(volume: CTVolume, folder: Path, series_uid: str | None = None,
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "noduledet", k + 1
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
+        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Phantom^noduledet", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", "1", "", ""
+        ds.SeriesNumber, ds.Manufacturer = 1, "noduledet (generated)"
         ds.Rows, ds.Columns = volume.hu.shape[1], volume.hu.shape[2]
         ds.PixelSpacing = [f"{g.spacing[1]:.6g}", f"{g.spacing[0]:.6g}"]
         ds.SliceThickness = f"{g.spacing[2]:.6g}"
