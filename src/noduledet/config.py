@@ -94,7 +94,7 @@ class EvalConfig:
     engine: str = "torch"  # torch | onnx (the convolutions on ONNX Runtime, CPU)
     link_mm: float = 3.0  # detections on slices this close (in z) may join one 3D candidate
     slice_step_mm: float = 2.0  # stage one looks at lung slices this far apart (at most link_mm; 0: every slice)
-    min_score: float = 0.05  # per-slice detections kept for 3D merging
+    min_score: float = 0.01  # per-slice detections kept for 3D merging
     max_candidates: int = 100  # per scan (LUNA16's cap)
     bootstrap: int = 1000  # FROC confidence-interval resamples
 
@@ -104,6 +104,7 @@ class Stage2Config:
     """The 3D false-positive-reduction stage, trained after the detector on its candidates."""
 
     enabled: bool = True
+    candidates: int = 300  # stage one's most probable candidates that stage two scores (then max_candidates kept)
     size: int = 24  # patch edge in voxels ...
     spacing_mm: float = 1.25  # ... of this size (a 30 mm cube)
     width: int = 16  # channels of the classifier's first layer
@@ -162,7 +163,7 @@ def _check_choices(cfg: Config, source: str) -> None:
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
     check_eval(cfg.eval, source)
-    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "data.patch"):
+    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "stage2.candidates", "data.patch"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")

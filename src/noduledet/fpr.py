@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         if log:
             log(f"stage 2 epoch {epoch + 1}/{s.epochs}: loss {total / len(picks):.3f}, {time.perf_counter() - t0:.0f} s")
     return model.eval()
@@ -167,7 +168,8 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     stage1 = Pipeline.from_checkpoint(run.best, device, stage2=False)
     if not mined.is_file():  # the slow part, kept for a resumed run
         t = time.perf_counter()
-        write_json(mined, mine(stage1, cache, splits["train"], cfg.train.seed, progress=progress))
+        miner = Pipeline(stage1.detector, replace(stage1.settings, max_candidates=s.candidates), stage1.config)
+        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, progress=progress))
         if log:
             log(f"stage 2: stage one ran over {len(splits['train'])} training scans in {time.perf_counter() - t:.0f} s")
     items = json.loads(mined.read_text())

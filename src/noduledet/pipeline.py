@@ -6,9 +6,10 @@
     volume -> lung mask -> scan region (the lungs' box plus margins, ``DataConfig``)
            -> stage one: the detector on the region's lung slices, ``slice_step_mm`` apart
               (batched, no autograd, resampled to the working pixel spacing)
-           -> 3D merge -> the most probable ``max_candidates``
+           -> 3D merge -> the most probable ``max_candidates`` (``stage2.candidates`` with stage two)
            -> stage two, when the checkpoint has it: a 3D classifier scores an isotropic cube
-              around each candidate and the probabilities are combined (``stage2.combine``)
+              around each candidate, the probabilities are combined (``stage2.combine``) and the
+              most probable ``max_candidates`` kept
            -> candidates in world mm, most probable first
 
 ``run`` starts from a region already cut out (the prepared cache serves those, made with the
@@ -140,13 +141,14 @@ class Pipeline:
             timings["slice_preparation_s"] = self.detector.timings["prepare_s"] - before["prepare_s"]
             timings["detector_s"] = self.detector.timings["model_s"] - before["model_s"]
             t = time.perf_counter()
-            merged = merge_slices(detections, geometry, s.link_mm, s.min_score)[: s.max_candidates]
+            keep = max(s.max_candidates, self.config.stage2.candidates) if self.classifier else s.max_candidates
+            merged = merge_slices(detections, geometry, s.link_mm, s.min_score)[:keep]
             candidates = [c.moved(region.start_zyx) for c in merged]
             timings["merge_3d_s"] = time.perf_counter() - t
-        stage1 = candidates
+        stage1 = candidates[: s.max_candidates]
         if self.classifier is not None and candidates:
             t = time.perf_counter()
-            candidates = self.rescore(hu, geometry, candidates)
+            candidates = self.rescore(hu, geometry, candidates)[: s.max_candidates]
             timings["stage2_s"] = time.perf_counter() - t
         return ScanResult(candidates, detections, region, timings, s.score_threshold, stage1)
 

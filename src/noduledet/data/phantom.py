@@ -1,13 +1,18 @@
 """A generated chest-CT dataset in the LUNA16 layout, so that everything runs with no download.
 
 Each scan is built in world millimetres and sampled on its own grid (so a scan with a flipped
-direction shows the same anatomy at the same world coordinates), with real Hounsfield values:
-air -1000, lung parenchyma about -860 (denser posteriorly), fat -100, muscle and blood 40,
-cancellous bone 250 and cortical bone 700, a patient table under the body, and, inside the
-lungs, branching vessel trees (the true confounder of a 2D nodule detector: a vessel crossing
-the slice looks like a nodule). Nodules of 3-30 mm are solid, part-solid or ground-glass, some
-touching the pleura (juxtapleural), and take their shapes from real LIDC-IDRI consensus
-contours. In-plane correlated noise and a circular reconstruction field finish the image.
+direction shows the same anatomy at the same world coordinates) at LUNA16's resolution: 512 px
+at 0.5-0.95 mm, slices of 0.625-2.5 mm. Real Hounsfield units: air -1000, lung parenchyma
+-900..-800 (denser posteriorly, with a texture), fat -100, muscle and blood 25-60, cancellous
+bone 250 and cortical bone 700, a patient table under the body, and, inside the lungs,
+branching vessel trees (the true confounder of a 2D nodule detector: a vessel crossing the slice
+looks like a nodule) and bronchi (a wall around air). Nodules of 3-30 mm, most of them small as
+in LUNA16, are solid, part-solid or ground-glass, some touching the pleura (juxtapleural) or a
+vessel (juxtavascular), shaped like real LIDC-IDRI consensus contours or as ellipsoids and
+lobulated clusters; a nodule is drawn inside the lung only, so one touching the pleura ends
+there. Scanner blur, correlated noise and a circular reconstruction field finish the image; how
+much of each, the parenchyma, the vessels and the airways vary per scan (``Style``), so a
+detector trained here meets more than one scanner.
 
 Annotations are exact, with LUNA16's definitions: centre = centroid of the nodule as drawn,
 ``diameter_mm`` = volume-equivalent sphere diameter. Nodules under 3 mm and non-nodule findings
@@ -358,7 +363,7 @@ def _place(anatomy: Anatomy, rng: np.random.Generator, radius: float, juxtapleur
         depths = [float(anatomy.lung_depth(np.asarray(x), np.asarray(y), float(anatomy.t(np.asarray(zz)))))
                   for zz in (z - 0.6 * radius, z, z + 0.6 * radius)]
         d = depths[1]
-        ok = (radius * 0.25 < d < radius * 0.8 and min(depths) > 0) if juxtapleural else min(depths) > radius + 4
+        ok = (radius * 0.3 < d < radius * 0.9 and min(depths) > 0) if juxtapleural else min(depths) > radius + 4
         if ok and all(np.linalg.norm(np.array([x, y, z]) - c) > radius + r + 8 for c, r in taken):
             return np.array([x, y, z])
     return None
@@ -524,8 +529,7 @@ def _draw_nodules(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatom
         kind = str(rng.choice(KINDS, p=[0.7, 0.15, 0.15])) if what == "nodule" else "solid"
         shape = shapes[rng.integers(len(shapes))] if rng.random() < 0.7 else _synthetic_shape(rng)
         occ = _resample_shape(shape, diameter, spacing_zyx, rng)
-        placed = _stamp(hu, occ, _nodule_hu(kind, occ, rng), g.world_to_voxel(centre),
-                        None if where == "juxtapleural" else lung)
+        placed = _stamp(hu, occ, _nodule_hu(kind, occ, rng), g.world_to_voxel(centre), lung)
         if placed is None:
             continue
         centroid = g.voxel_to_world(placed[0])
@@ -605,10 +609,10 @@ def _ball(diameter: int) -> np.ndarray:
 
 
 def _stamp(hu: np.ndarray, occ: np.ndarray, values: np.ndarray, centre_zyx: np.ndarray,
-           inside: np.ndarray | None) -> tuple[np.ndarray, float] | None:
-    """Blend a nodule (occupancy ``occ``, HU ``values``) centred at ``centre_zyx`` into ``hu``.
+           inside: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Blend a nodule (occupancy ``occ``, HU ``values``) centred at ``centre_zyx`` into ``hu``,
+    inside the lungs only: a juxtapleural nodule ends at the pleura, as a reader outlines it.
 
-    ``inside`` limits it to the lungs (a juxtapleural nodule passes None: it abuts the wall).
     Returns the voxel centroid (z, y, x) of what was drawn and its volume in voxels.
     """
     c = np.round(centre_zyx).astype(int) - np.array(occ.shape) // 2
@@ -618,9 +622,7 @@ def _stamp(hu: np.ndarray, occ: np.ndarray, values: np.ndarray, centre_zyx: np.n
         return None
     src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, c))
     dst = tuple(slice(a, b) for a, b in zip(lo, hi))
-    o = occ[src].copy()
-    if inside is not None:
-        o *= inside[dst]
+    o = occ[src] * inside[dst]
     if o.sum() < 1:
         return None
     hu[dst] += o * (values[src] - hu[dst])

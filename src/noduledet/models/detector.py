@@ -77,7 +77,7 @@ class DetectorSpec:
     box_batch_size_per_image: int = 64  # RoIAlign backward dominates a CPU step: few RoIs
     box_positive_fraction: float = 0.25
     representation_size: int = 256
-    box_score_thresh: float = 0.05
+    box_score_thresh: float = 0.01  # low: the second stage and the FROC rank what is kept
     box_nms_thresh: float = 0.3
     box_detections_per_img: int = 20
     mask_layers: tuple[int, ...] = (64, 64)
