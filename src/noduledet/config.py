@@ -71,6 +71,7 @@ class TrainConfig:
     batch_size: int = 8
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 0.001
+    lr_batch: int = 0  # the total batch lr is given for: it scales with batch_size x processes (0: lr as is)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 30

@@ -91,7 +91,14 @@ def make_model(cfg: Config) -> torch.nn.Module:
         raise UserError(f"model: {err}") from None
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def effective_lr(cfg: Config, world: int) -> float:
+    """``train.lr``, scaled linearly to the total batch (``batch_size`` x processes) when
+    ``train.lr_batch`` names the batch it was given for (Goyal et al. 2017)."""
+    t = cfg.train
+    return t.lr * t.batch_size * world / t.lr_batch if t.lr_batch else t.lr
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW; no weight decay on norms and biases."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -100,8 +107,8 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     t = cfg.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    return torch.optim.AdamW(groups, lr=t.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=t.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -150,12 +157,12 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["rng"]["cuda"])
 
 
-def make_trainer(cfg: Config, device: torch.device, total_steps: int) -> Trainer:
+def make_trainer(cfg: Config, device: torch.device, total_steps: int, lr: float) -> Trainer:
     t = cfg.train
     model = make_model(cfg).to(device)
     if device.type == "cuda" and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
     amp = t.amp and device.type == "cuda"
     fp16 = amp and not torch.cuda.is_bf16_supported()
@@ -261,15 +268,19 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
     rank, world = rank_and_world()
     if t.threads:
         torch.set_num_threads(t.threads)
-    run = RunFolder(t.out, resume, force)
+    run = RunFolder(t.out, resume, force, cfg)
     barrier()  # every rank has checked before rank 0 writes
     torch.manual_seed(t.seed)
     cache = open_cache(cfg)
     splits = make_splits(cfg, cache)
     train_ds, val_ds = make_datasets(cfg, cache, splits)
     per_epoch = math.ceil(len(train_ds) / world / t.batch_size)
-    trainer = make_trainer(cfg, device, per_epoch * t.epochs)
-    if resume:
+    lr = effective_lr(cfg, world)
+    if rank == 0 and log and t.lr_batch:
+        log(f"learning rate {lr:g}: {t.lr:g} for a batch of {t.lr_batch}, scaled to {t.batch_size} per process "
+            f"x {world} process(es)")
+    trainer = make_trainer(cfg, device, per_epoch * t.epochs, lr)
+    if run.resuming:
         trainer.restore(checkpoint.load(run.last))
     elif rank == 0:
         run.start(cfg, splits, device, world)
