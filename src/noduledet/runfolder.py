@@ -45,22 +45,30 @@ class RunFolder:
     """The folder ``path`` of one training run.
 
     Args:
-        resume: continue the run in ``path`` (its ``last.pt`` must exist).
+        resume: continue the run in ``path`` from its ``last.pt``; a run stopped before its first
+            epoch ended (no ``last.pt``) starts again, if its ``config.yaml`` is this one's.
         force: start afresh over an existing run.
+        cfg: the run's configuration (checked against a run stopped before its first epoch).
 
     A folder that holds files is refused unless ``resume`` or ``force``.
     """
 
-    STALE = ("last.pt", "best.pt", "metrics.csv")
+    STALE = ("last.pt", "best.pt", "metrics.csv", "stage2_candidates.json")
 
-    def __init__(self, path: str | Path, resume: bool = False, force: bool = False):
+    def __init__(self, path: str | Path, resume: bool = False, force: bool = False, cfg: Config | None = None):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: is a file, not a run folder")
+        started = self.path / "config.yaml"
         if resume and not self.last.is_file():
-            raise UserError(f"{self.last}: nothing to resume")
+            if not self.path.exists() or not any(self.path.iterdir()):
+                raise UserError(f"{self.last}: nothing to resume")
+            if cfg is not None and started.is_file() and started.read_text() != config_yaml(cfg):
+                raise UserError(f"{self.path}: stopped before its first epoch with another config.yaml; "
+                                f"pass --force to start it afresh")
         if not resume and self.path.exists() and any(self.path.iterdir()) and not force:
             raise UserError(f"{self.path}: exists; pass --resume to continue it or --force to overwrite it")
+        self.resuming = resume and self.last.is_file()
 
     @property
     def last(self) -> Path:

@@ -20,8 +20,8 @@ from pathlib import Path
 from noduledet.errors import UserError
 
 
-def _space_error(path: Path, err: OSError) -> UserError:
-    return UserError(f"{path}: no space left on the device; the previous version is kept ({err.strerror})")
+def _space_error(path: Path, err: OSError, kept: str = "the previous version is kept") -> UserError:
+    return UserError(f"{path}: no space left on the device; {kept} ({err.strerror})")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -87,7 +87,7 @@ def staged_dir(out: str | Path, force: bool = False, owner: bool = True) -> Iter
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
-            raise _space_error(out, err) from None
+            raise _space_error(out, err, "nothing half-written is left") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
