@@ -1,5 +1,6 @@
 import base64
 import json
+import re
 
 import pytest
 import torch
@@ -42,29 +43,42 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 
 def test_compare_two_rows_and_resume(phantom_root, phantom_cache, tmp_path, capsys):
     args = ["compare", "--table", "3", "--data", str(phantom_root), "--cache", str(phantom_cache), "--epochs", "1",
-            "--variants", "res", "ccapm", "--size", "64", "-o", str(tmp_path / "c"), "data.patch=64",
-            "train.batch_size=4", "data.val_fraction=0.25"]
+            "--variants", "res", "ccapm", "--seeds", "0", "1", "--size", "64", "-o", str(tmp_path / "c"),
+            "--neck", "fpn", "data.patch=64", "train.batch_size=4", "data.val_fraction=0.25", "data.pixel_mm=4.0"]
     assert main(args) == 0
     md = (tmp_path / "c" / "table3.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| res ") or line.startswith("| ccapm ")]
     assert len(rows) == 2 and "0.8421" in rows[1]  # the paper's CCAPM mAP beside ours
+    cells = [c.strip() for c in rows[1].split("|")]
+    assert cells[2] == "fpn" and re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] "
+                                             r"(better|worse|not distinguishable)", cells[10])  # ΔCPM vs res
+    assert rows[0].split("|")[10].strip() == "baseline"
     csv_text = (tmp_path / "c" / "table3.csv").read_text()
-    assert csv_text.startswith("variant,seeds,map,map_std,recall,recall_std,jaccard,jaccard_std,f1,f1_std,cpm,cpm_std")
+    assert csv_text.startswith("variant,neck,seeds,map,map_std,ap_paper,ap_paper_std,recall,recall_std,jaccard,")
+    assert "d_cpm,d_cpm_low,d_cpm_high,d_cpm_verdict" in csv_text.splitlines()[0]
     assert (tmp_path / "c" / "figure5.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.count("already trained") == 2
-    # Table 4's resnet18 is Table 3's res at the tiny preset: its row reuses that run
+    assert capsys.readouterr().out.count("already trained") == 4  # two rows, two seeds
+    # Table 4's resnet18 is Table 3's res at the tiny preset, on the same neck: its row reuses that run
     table4 = ["compare", "--table", "4", *args[3:]]
     table4[table4.index("res")] = "resnet18"
     table4.remove("ccapm")
     assert main(table4) == 0
-    assert "res seed 0: already trained" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "c" / "runs").iterdir()) == ["ccapm-s0", "res-s0"]
+    assert "res-fpn seed 0: already trained" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "c" / "runs").iterdir()) == ["ccapm-fpn-s0", "ccapm-fpn-s1",
+                                                                           "res-fpn-s0", "res-fpn-s1"]
     md4 = (tmp_path / "c" / "table4.md").read_text()
-    assert "`resnet18` is the same network as Table 3's `res`" in md4
+    assert "`resnet18` is the same network as `res` at preset `tiny` with the same neck" in md4
     row3, row4 = (next(x for x in text.splitlines() if x.startswith(f"| {v} ")) for text, v in ((md, "res"), (md4, "resnet18")))
-    assert row3.split("|")[2:7] == row4.split("|")[2:7]  # the same metrics
+    assert row3.split("|")[3:10] == row4.split("|")[3:10]  # the same metrics
+
+
+def test_the_paper_protocol_puts_table_3_on_the_c4_carrier():
+    from noduledet.models.detector import paper_neck
+
+    assert {paper_neck(3, v) for v in ("res", "ccapm", "ccasm")} == {"c4"}
+    assert paper_neck(4, "vgg16") == "c4" and paper_neck(4, "ccapm") == "fpn"
 
 
 def test_same_network_follows_the_preset():

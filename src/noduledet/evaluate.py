@@ -8,7 +8,8 @@ prepared cache only serves each scan's region, made with the run's margins). The
 - scan level: the candidates scored with the LUNA16 FROC/CPM.
 
 Outputs (written to a temporary folder, renamed when complete): ``metrics.json``,
-``metrics.md``, ``candidates.csv`` (LUNA16 format), ``froc.png``, ``pr.png``.
+``metrics.md``, ``candidates.csv`` (LUNA16 format), ``froc.png``, ``pr.png`` and
+``per_scan.json`` (what ``compare``'s paired intervals resample).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from noduledet import plots
 from noduledet.data.cache import SliceCache, cache_serves, prepare
 from noduledet.data.luna16 import Luna16, write_findings
@@ -25,6 +28,7 @@ from noduledet.data.slices import slice_targets
 from noduledet.distributed import barrier, gather, rank_and_world, resolve_device
 from noduledet.errors import UserError
 from noduledet.metrics.coco import pr_curve, slice_metrics
+from noduledet.metrics.paired import scan_detections
 from noduledet.metrics.froc import at_thresholds, fp_label, froc, plot_froc
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
@@ -106,9 +110,9 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
 
 
 def slice_level(pipeline: Pipeline, sc: SliceCache, uids: list[str], results: dict[str, ScanResult]):
-    """Per-slice predictions and targets of every evaluated slice, and which slices cut a nodule."""
+    """Per-slice predictions, targets and scan of every evaluated slice, and which slices cut a nodule."""
     masks, min_section = pipeline.detector.masks, pipeline.config.data.min_section
-    preds, targets = [], []
+    preds, targets, scans = [], [], []
     for uid in uids:
         g = sc.geometry(uid)
         rows, cols = slice(0, g.shape[1]), slice(0, g.shape[2])
@@ -116,15 +120,30 @@ def slice_level(pipeline: Pipeline, sc: SliceCache, uids: list[str], results: di
         for d in results[uid].detections:
             targets.append(slice_targets(nodules, d.z, g.spacing, rows, cols, masks=masks, min_section=min_section))
             preds.append({"boxes": d.boxes, "scores": d.scores, **({"masks": d.masks} if d.masks is not None else {})})
+            scans.append(uid)
     positive = [i for i, t in enumerate(targets) if len(t["boxes"])]
-    return preds, targets, positive
+    return preds, targets, scans, positive
+
+
+def per_scan(uids: list[str], outcomes, preds: list[dict], targets: list[dict], scans: list[str], positive: list[int],
+             iou: float) -> dict:
+    """What a paired comparison resamples (``metrics.paired``): per scan, its FROC outcome (a
+    missed nodule's probability as None) and its slices with a nodule, matched once."""
+    out = {}
+    for uid, o in zip(uids, outcomes):
+        mine = [i for i in positive if scans[i] == uid]
+        m = scan_detections([preds[i] for i in mine], [targets[i] for i in mine], iou)
+        out[uid] = {"nodule_probs": [float(p) if np.isfinite(p) else None for p in o.nodule_probs],
+                    "fp_probs": o.fp_probs.tolist(), "slice_scores": m.scores.tolist(),
+                    "slice_hits": m.hits.astype(bool).tolist(), "slice_boxes": int(m.boxes)}
+    return out
 
 
 def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, sc: SliceCache, uids: list[str],
                  chosen: str, results: dict[str, ScanResult], seconds: float) -> dict:
     """Both metric families from the pipeline's results; the report files written into ``tmp``."""
     e = pipeline.settings
-    preds, targets, pos = slice_level(pipeline, sc, uids, results)
+    preds, targets, scans, pos = slice_level(pipeline, sc, uids, results)
     on_nodules = slice_metrics([preds[i] for i in pos], [targets[i] for i in pos], e.score_threshold, e.iou_threshold)
     on_lungs = slice_metrics(preds, targets, e.score_threshold, e.iou_threshold)
     table = candidates_table({u: results[u].candidates for u in uids})
@@ -151,6 +170,7 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
     }
     write_findings(tmp / "candidates.csv", table, "probability")
     write_json(tmp / "metrics.json", report)
+    write_json(tmp / "per_scan.json", per_scan(uids, result.outcomes, preds, targets, scans, pos, e.iou_threshold))
     write_text(tmp / "metrics.md", markdown_report(report))
     plot_froc(result, tmp / "froc.png", f"FROC: {variant}")
     precision, recall = pr_curve([preds[i] for i in pos], [targets[i] for i in pos], e.iou_threshold)

@@ -15,8 +15,9 @@ def number(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
-SLICE_COLUMNS = (("ap50", "mAP (AP@0.5)"), ("ap", "AP@[.5:.95]"), ("ap10", "AP@0.1"), ("recall", "Recall"),
-                 ("precision", "Precision"), ("f1", "F1"), ("jaccard", "Jaccard"))
+SLICE_COLUMNS = (("ap50", "mAP (AP@0.5)"), ("ap_paper", "AP (eq 25)"), ("ap", "AP@[.5:.95]"), ("ap10", "AP@0.1"),
+                 ("recall", "Recall"), ("precision", "Precision"), ("f1", "F1"), ("jaccard", "Jaccard"),
+                 ("jaccard_set", "Jaccard (eq 26)"))
 
 
 def slice_table(rows: list[tuple[str, dict]]) -> list[str]:
