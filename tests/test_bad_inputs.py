@@ -71,7 +71,7 @@ def refused(code: int, capfd, verb: str, named, problem: str) -> str:
     """Assert the one-line refusal; return the line."""
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, err
-    lines = err.splitlines()
+    lines = [x for x in err.splitlines() if not re.match(r"\w+: \d+/\d+ \w+, \d+ s$", x)]  # progress
     assert code == 2 and len(lines) == 1, f"exit {code}, stderr:\n{err}"
     line = lines[0]
     assert line.startswith(f"noduledet {verb}: error: "), line

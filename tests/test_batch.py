@@ -47,6 +47,29 @@ def test_an_interrupted_run_resumes_where_it_stopped(phantom_root, random_checkp
     assert _run(phantom_root, random_checkpoint, out, "--resume") == 0  # a finished run: merged again, same
 
 
+def test_a_broken_scan_is_recorded_and_the_others_go_on(phantom_root, random_checkpoint, straight, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "luna"
+    shutil.copytree(phantom_root, root)
+    names = Luna16(root).uids
+    raw = next(root.rglob(f"{names[1]}.raw"))
+    good = raw.read_bytes()
+    raw.write_bytes(good[:1000])  # truncated
+    out = tmp_path / "out"
+    assert _run(root, random_checkpoint, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 4 scans failed" in err and f"{raw.name}: truncated" in err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "failed") == names[:1] + names[2:]
+    assert (out / "failed" / f"{names[1]}.txt").is_file()
+    assert not (out / "candidates.csv").exists()  # the merged files only for a complete run
+    raw.write_bytes(good)
+    assert _run(root, random_checkpoint, out, "--resume") == 0
+    assert "3 scans already done, 1 to go" in capsys.readouterr().out
+    assert not (out / "failed" / f"{names[1]}.txt").exists()
+    assert (out / "candidates.csv").read_text() == (straight / "candidates.csv").read_text()
+
+
 def test_resume_refuses_another_run(phantom_root, random_checkpoint, straight, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(phantom_root, random_checkpoint, out) == 0

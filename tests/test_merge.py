@@ -49,5 +49,16 @@ def test_a_vessel_in_the_chain_does_not_move_the_centre():
     assert abs(c.voxel_zyx[0] - 20.0) < 1.0
 
 
+def test_a_vessel_scoring_a_little_higher_does_not_take_the_centre():
+    # seen on a 15 mm juxtavascular phantom nodule: the vessel's small boxes at 0.995, the
+    # nodule's at 0.98, and the candidate's centre 9 mm off the nodule (a miss by LUNA16's rule)
+    dets = _sphere([20.0, 100, 100], 15, 0.98)
+    for z in range(int(max(d.z for d in dets)) + 1, 50):
+        dets.append(SliceDetections(z, np.array([[97.0, 97, 104, 104]]), np.array([0.995])))
+    c = merge_slices(dets, G)[0]
+    assert abs(c.voxel_zyx[0] - 20.0) < 1.0 and abs(c.diameter_mm - 15) < 1
+    assert c.probability == 0.995  # the group's best score stays its probability
+
+
 def test_low_scores_are_dropped():
     assert merge_slices(_sphere([30.0, 80, 80], 10, 0.01), G, min_score=0.05) == []

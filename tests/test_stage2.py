@@ -60,8 +60,26 @@ def test_cube_augmentation_keeps_the_contents():
     cube = np.zeros((12, 12, 12), dtype=np.int16)
     cube[5:7, 5:7, 5:7] = 100
     for seed in range(8):
-        out = augment_cube(cube, 10, np.random.default_rng(seed))
+        out = augment_cube(cube, 10, np.random.default_rng(seed), shift=0.0, noise_hu=0.0)
         assert out.shape == (10, 10, 10) and ((out > 50).sum() == 8)
+        moved = augment_cube(cube, 10, np.random.default_rng(seed), noise_hu=0.0)  # up to one voxel off
+        weight = np.clip(moved - np.median(moved), 0, None)
+        centre = (np.indices(moved.shape) * weight).sum((1, 2, 3)) / weight.sum()
+        assert np.abs(centre - 4.5).max() <= 1.0 + 1e-6
+
+
+def test_cube_zoom_keeps_the_centre_and_changes_the_size():
+    grid = np.indices((21, 21, 21)) - 10
+    cube = np.where((grid ** 2).sum(0) <= 16, 100, -900).astype(np.int16)  # a ball of radius 4
+    volumes = []
+    for seed in range(12):
+        out = augment_cube(cube, 15, np.random.default_rng(seed), shift=0.0, scale=0.5, noise_hu=0.0)
+        inside = np.argwhere(out > -400)
+        assert np.abs(inside.mean(0) - 7).max() < 0.6  # centred, whatever the zoom
+        volumes.append(len(inside))
+    ball = ((grid ** 2).sum(0) <= 16).sum()
+    assert min(volumes) < 0.8 * ball and max(volumes) > 1.25 * ball  # zoomed both ways ...
+    assert ball / 1.5 ** 3 * 0.8 < min(volumes) and max(volumes) < ball * 1.5 ** 3 * 1.2  # ... within 1.5x
 
 
 def test_operating_thresholds_by_hand():

@@ -4,6 +4,7 @@
 OUT/run.json           the manifest (every scan's path and name, sorted by name), the checkpoint
                        and its digest, the settings and options, the shard: written at the start
 OUT/<name>/            one folder per finished scan, renamed into place when complete
+OUT/failed/<name>.txt  why a scan could not be predicted (the run goes on; --resume tries it again)
 OUT/candidates.csv     every finished scan's candidates ...
 OUT/summary.json       ... and status, rebuilt from the scans' folders at the end
 OUT/findings.csv       with an operating point: the candidates at or above its threshold
@@ -112,6 +113,8 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
         raise UserError(f"--shard {text!r}: expected I/N, e.g. 0/10 (I from 0 to N-1)") from None
+    if n < 1:
+        raise UserError(f"--shard {text}: N must be at least 1")
     if not 0 <= i < n:
         raise UserError(f"--shard {text}: I must be from 0 to {n - 1}")
     return i, n
@@ -154,6 +157,22 @@ def done(out: Path, name: str) -> bool:
     return (out / name / "scan.json").is_file()
 
 
+def record_failure(out: Path, name: str, message: str | None) -> None:
+    """Note why scan ``name`` failed (``None``: it succeeded, forget an earlier failure)."""
+    path = out / "failed" / f"{name}.txt"
+    if message is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(message + "\n"))
+
+
+def failures(out: Path, names: list[str]) -> dict[str, str]:
+    """The recorded reasons of the scans among ``names`` that are not done."""
+    return {n: (out / "failed" / f"{n}.txt").read_text().strip() for n in names
+            if not done(out, n) and (out / "failed" / f"{n}.txt").is_file()}
+
+
 def merge(folders: list[Path], out: Path, threshold: float | None = None) -> list[dict]:
     """``candidates.csv`` and ``summary.json`` (and, with a ``threshold``, ``findings.csv``) in
     ``out`` from finished scans' folders; return the summaries."""
@@ -190,7 +209,8 @@ def gather(shards: list[str | Path], out: str | Path, force: bool = False, allow
     if missing and not allow_missing:
         raise UserError(f"{len(missing)} of {len(names)} scans are in no shard ({', '.join(missing[:3])}"
                         f"{', ...' if len(missing) > 3 else ''}); resume their shards, or pass --allow-missing")
-    threshold = records[0]["options"].get("threshold")
+    options = records[0]["options"]
+    threshold = options.get("threshold") if options.get("operating_point") is not None else None
     with staged_dir(out, force) as tmp:
         write_json(tmp / RUN_FILE, {**records[0], "shard": None, "gathered_from": [str(s) for s in shards],
                                     "missing": missing})

@@ -351,7 +351,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scans", type=int, default=40, help="phantom scans (default 40)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    p.add_argument("--size", type=int, default=256, help="phantom in-plane pixels (default 256)")
+    p.add_argument("--size", type=int, default=512, help="phantom in-plane pixels (default 512, as LUNA16)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_demo)
 

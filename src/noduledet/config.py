@@ -113,7 +113,8 @@ class Stage2Config:
     samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement
     batch_size: int = 32
     lr: float = 0.002
-    shift_mm: float = 2.5  # training patches move by up to this much in x, y and z
+    shift_mm: float = 2.5  # training patches move by up to this much in x, y and z ...
+    scale: float = 0.15  # ... and zoom by up to this fraction, in or out
     combine: str = "mean"  # the final probability: stage2 | mean (of both stages) | product
 
 

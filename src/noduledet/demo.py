@@ -21,8 +21,8 @@ from noduledet.config import Config, load_config
 from noduledet.report import froc_table, markdown_to_html, slice_table
 from noduledet.staging import staged_dir, write_text
 
-DEMO_SIZE = 256  # default in-plane pixels of the phantom scans
-DEMO_DIAMETERS = (5.0, 30.0)
+DEMO_SIZE = 512  # default in-plane pixels of the phantom scans: LUNA16's, 0.5-0.95 mm pixels
+DEMO_DIAMETERS = (3.0, 30.0)  # LUNA16's nodules are 3 mm and larger
 STAGES = ("phantom", "prepare", "train", "evaluate", "predict", "report")
 
 

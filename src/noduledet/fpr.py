@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from noduledet import checkpoint
 from noduledet.config import Config
@@ -98,18 +99,26 @@ def cut(cache: SliceCache, items: list[dict], spec: ClassifierSpec, margin: int)
     return out
 
 
-def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``size`` cube from a larger one: a random shift, flips on each axis, a quarter turn in
-    the axial plane, and a HU gain and offset."""
-    m = cube.shape[0] - size
-    z, y, x = rng.integers(0, m + 1, 3)
-    c = cube[z:z + size, y:y + size, x:x + size].astype(np.float32)
+def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator, shift: float | None = None,
+                 scale: float = 0.0, noise_hu: float = 25.0) -> np.ndarray:
+    """A ``size`` cube from a larger one: a random shift by up to ``shift`` voxels (default: as far
+    as the cube allows), a zoom by up to ``scale`` (other nodule
+    sizes than the training scans hold), flips on each axis, a quarter turn in the axial plane,
+    a HU gain and offset, and noise of up to ``noise_hu`` on half the cubes."""
+    zoom = float(np.exp(rng.uniform(-np.log1p(scale), np.log1p(scale))))
+    room = (cube.shape[0] - 1 - zoom * (size - 1)) / 2  # how far the sampled grid may move off centre
+    room = max(0.0, room if shift is None else min(room, shift))  # zoomed out past the cube: edges repeat
+    start = (cube.shape[0] - 1) / 2 - zoom * (size - 1) / 2 + rng.uniform(-room, room, 3)
+    c = ndimage.affine_transform(cube.astype(np.float32), np.full(3, zoom), start, (size,) * 3, order=1, mode="nearest")
     for axis in range(3):
         if rng.random() < 0.5:
             c = np.flip(c, axis)
     if rng.random() < 0.5:
         c = np.swapaxes(c, 1, 2)  # with the flips: every quarter turn about z
-    return np.ascontiguousarray(c * rng.uniform(0.93, 1.07) + rng.uniform(-30, 30))
+    c = c * rng.uniform(0.93, 1.07) + rng.uniform(-30, 30)
+    if rng.random() < 0.5:
+        c = c + rng.normal(0.0, rng.uniform(0, noise_hu), c.shape).astype(np.float32)
+    return np.ascontiguousarray(c, dtype=np.float32)
 
 
 def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device, log=None) -> NoduleClassifier3D:
@@ -121,6 +130,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     steps = s.epochs * math.ceil(s.samples_per_epoch / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.lr, total_steps=steps, pct_start=0.1)
     pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    shift = s.shift_mm / s.spacing_mm
     for epoch in range(s.epochs):
         rng = np.random.default_rng([cfg.train.seed, epoch, 2])
         picks = np.concatenate([rng.choice(pos, s.samples_per_epoch // 2), rng.choice(neg, s.samples_per_epoch // 2)])
@@ -129,7 +139,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
         total, t0 = 0.0, time.perf_counter()
         for start in range(0, len(picks), s.batch_size):
             batch = picks[start:start + s.batch_size]
-            x = np.stack([augment_cube(cubes[i], s.size, rng) for i in batch])
+            x = np.stack([augment_cube(cubes[i], s.size, rng, shift, s.scale) for i in batch])
             logits = model(model.window(torch.from_numpy(x).to(device)))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.from_numpy(labels[batch]).float().to(device))
@@ -178,7 +188,7 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
         log(f"stage 2: {int(labels.sum())} nodule cubes, {int((labels == 0).sum())} false positives of stage one")
     if labels.min(initial=1) == 1 or labels.max(initial=0) == 0:
         raise RuntimeError("stage 2 needs both nodules and false positives among the training scans' candidates")
-    margin = int(math.ceil(s.shift_mm / s.spacing_mm))
+    margin = cube_margin(s)
     model = fit(cut(cache, items, classifier_spec(cfg), margin), labels, cfg, device, log)
     stage2 = {"spec": model.spec.to_dict(), "state": {k: v.cpu() for k, v in model.state_dict().items()}}
     both = Pipeline(stage1.detector, stage1.settings, stage1.config, stage1.epoch, model)
@@ -190,6 +200,11 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
         ckpt = checkpoint.load(path)
         ckpt.stage2, ckpt.operating_points = stage2, points
         checkpoint.save(ckpt, path)
+
+
+def cube_margin(s) -> int:
+    """Voxels cut beyond the classifier's cube on each side: room for the shifts and the zoom out."""
+    return int(math.ceil(s.shift_mm / s.spacing_mm + s.scale * s.size / 2))
 
 
 def classifier_spec(cfg: Config) -> ClassifierSpec:

@@ -2,9 +2,10 @@
 
 Detections on nearby slices (within ``link_mm`` in z) join when their boxes overlap (IoU >= 0.25)
 or their centres lie within a quarter box of each other; the connected groups are candidates.
-A candidate's probability is the group's highest score; its centre is the score-weighted mean
-of the boxes within one radius (in z) of that peak detection — a vessel joining the chain
-must not drag the centre off the nodule — and its diameter the peak box's size.
+A candidate's probability is the group's highest score. Its peak is the widest detection
+scoring at least 90% of that (a nodule's equator rather than the vessel it touches); its centre
+is the score-weighted mean of the boxes within one radius (in z) of the peak — a vessel joining
+the chain must not drag the centre off the nodule — and its diameter the peak box's size.
 """
 
 from __future__ import annotations
@@ -98,13 +99,14 @@ def merge_slices(detections: list[SliceDetections], geometry: Geometry, link_mm:
     out = []
     for g in range(label.max() + 1):
         idx = np.nonzero(label == g)[0]
-        peak = idx[np.lexsort((diam[idx], scores[idx]))[-1]]  # highest score; of equals, the widest
+        confident = idx[scores[idx] >= 0.9 * scores[idx].max()]
+        peak = confident[np.argmax(diam[confident])]
         core = idx[np.abs(z[idx] - z[peak]) * sz <= max(diam[peak] / 2, sz)]
         w = scores[core]
         cx, cy = (centres[core] * w[:, None]).sum(0) / w.sum()
         cz = float((z[core] * w).sum() / w.sum())
         voxel = np.array([cz, *pixel_to_voxel([cx, cy])])
-        out.append(Candidate(voxel, geometry.voxel_to_world(voxel), float(scores[peak]), float(diam[peak]),
+        out.append(Candidate(voxel, geometry.voxel_to_world(voxel), float(scores[idx].max()), float(diam[peak]),
                              len(set(z[idx].tolist())), (int(z[idx].min()), int(z[idx].max())),
                              [items[i] for i in idx]))
     out.sort(key=lambda c: -c.probability)

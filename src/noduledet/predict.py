@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from noduledet import plots
-from noduledet.batch import (ScanInput, done, expand_inputs, merge, open_run, read_manifest, run_record)
+from noduledet.batch import (ScanInput, done, expand_inputs, failures, merge, open_run, read_manifest,
+                             record_failure, run_record)
 from noduledet.data.ct import CTVolume, read_ct, write_ct
 from noduledet.data.luna16 import write_findings
 from noduledet.distributed import barrier, rank_and_world, resolve_device
@@ -169,7 +170,15 @@ def write_viewer_payload(scan: ScanInput, volume: CTVolume, result: ScanResult, 
 
 
 def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
-    """The run's merged files and viewer from the scans' folders."""
+    """The run's merged files and viewer from the scans' folders, once every scan is done; else a
+    one-line error naming what failed (the finished scans stay for ``--resume``)."""
+    failed = failures(out, names)
+    if failed:
+        first = next(iter(failed.values()))
+        if len(names) == 1:
+            raise UserError(first)
+        raise UserError(f"{out}: {len(failed)} of {len(names)} scans failed (first: {first}); the others are "
+                        f"written; see {out / 'failed'}, fix them and rerun with --resume")
     summaries = merge([out / n for n in names], out, options.threshold if options.operating_point is not None else None)
     if options.viewer:
         from noduledet.clinical.viewer import page
@@ -177,6 +186,21 @@ def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
         payloads = [json.loads((out / n / "viewer.json").read_text()) for n in names]
         write_text(out / "index.html", page(payloads))
     return summaries
+
+
+def _predict_one(pipeline: Pipeline, scan: ScanInput, out: Path, options: PredictOptions, log) -> None:
+    """One scan into ``out/<name>``; a user error is recorded in ``out/failed`` and the run goes on."""
+    try:
+        with staged_dir(out / scan.name, force=True) as folder:
+            summary = predict_scan(pipeline, scan, folder, options)
+    except UserError as e:
+        record_failure(out, scan.name, str(e))
+        if log:
+            log(f"{scan.name}: failed: {e}")
+        return
+    record_failure(out, scan.name, None)
+    if log:
+        log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
 
 
 def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, overrides: dict | None = None,
@@ -212,10 +236,7 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, o
     if rank == 0 and log and len(todo) < len(mine[rank::world]):
         log(f"{out}: {len(mine) - len(todo)} scans already done, {len(todo)} to go")
     for scan in track(progress if rank == 0 else None, todo):
-        with staged_dir(out / scan.name, force=True) as folder:
-            summary = predict_scan(pipeline, scan, folder, options)
-        if rank == 0 and log:
-            log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
+        _predict_one(pipeline, scan, out, options, log if rank == 0 else None)
     barrier()
     return finish(out, [s.name for s in mine], options) if rank == 0 else []
 
@@ -237,7 +258,9 @@ def predict_dicomweb(url: str, study: str, series: str | None, checkpoint: str |
             if log:
                 log(f"stored {len(stored)} object(s) in {url}: {', '.join(p.name for p in reports)}")
         elif store and log:
-            log("no findings at the operating point: nothing to store")
+            reports_on = kwargs.get("options", PredictOptions()).reports
+            log("nothing to store: " + ("no finding reaches the findings' threshold" if reports_on
+                                        else "reports are off (--no-reports)"))
         return summaries
     finally:
         shutil.rmtree(fetched, ignore_errors=True)
