@@ -73,6 +73,17 @@ def test_resume_continues_bit_for_bit(phantom_root, phantom_cache, tmp_path, mon
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
 
 
+def test_learning_rate_scales_with_the_total_batch():
+    cfg = load_config(None, ["train.lr=0.02", "train.lr_batch=16", "train.batch_size=8"])
+    assert engine.effective_lr(cfg, world=1) == pytest.approx(0.01)  # batch 8 on one process
+    assert engine.effective_lr(cfg, world=4) == pytest.approx(0.04)  # 4 processes of 8: 32
+    cfg.train.lr_batch = 0
+    assert engine.effective_lr(cfg, world=4) == 0.02  # 0: the lr as given
+    paper = load_config(Path(__file__).parents[1] / "configs" / "luna16-paper.yaml", [])
+    assert engine.effective_lr(paper, world=1) == pytest.approx(paper.train.lr * paper.train.batch_size
+                                                                / paper.train.lr_batch)
+
+
 def test_config_errors_are_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  epochz: 3\n")

@@ -58,3 +58,83 @@ def test_intensity_changes_stay_within_their_bounds():
     assert np.allclose(out, out.flat[0]) and -800 * 1.05 - 30 <= out.flat[0] <= -800 * 0.95 + 30
     quiet = AugmentConfig(hu_shift=0, hu_gain=0, noise_hu=0, blur_px=0)
     np.testing.assert_array_equal(vary_intensity(planes, quiet, np.random.default_rng(0)), planes)
+
+
+class SizedBlobs(torch.nn.Module):
+    """A detector without learning that, like a trained one, knows sizes in pixels only: every
+    bright blob of the middle channel 7 to 22 px wide (5-15 mm at the working 0.7 mm)."""
+
+    variant = "sized-blobs"
+
+    def __init__(self):
+        super().__init__()
+        from noduledet.models.detector import DetectorSpec
+
+        self.spec = DetectorSpec()
+
+    def forward(self, images):
+        from scipy import ndimage
+
+        out = []
+        for image in images:
+            labels, _ = ndimage.label(image[image.shape[0] // 2].numpy() > 0.6)
+            boxes = [[xs.start, ys.start, xs.stop, ys.stop] for ys, xs in ndimage.find_objects(labels)
+                     if ys.start > 0 and xs.start > 0 and ys.stop < labels.shape[0] and xs.stop < labels.shape[1]
+                     and 7 <= max(ys.stop - ys.start, xs.stop - xs.start) <= 22]
+            b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            out.append({"boxes": b, "scores": torch.full((len(b),), 0.9), "labels": torch.ones(len(b), dtype=torch.int64)})
+        return out
+
+
+DIAMETERS = (6.0, 8.0, 10.0, 12.0, 14.0)
+
+
+def _chest(pixel_mm: float):
+    """Air-filled lungs in soft tissue, 100 mm across, with nodules of ``DIAMETERS`` on a ring at
+    mid-height, sampled at ``pixel_mm`` in-plane (1.5 mm slices); the nodules' world centres."""
+    from noduledet.data.ct import CTVolume
+    from noduledet.geometry import Geometry
+
+    n, nz, sz = int(round(100 / pixel_mm)), 30, 1.5
+    y, x = (np.mgrid[:n, :n] + 0.5) * pixel_mm - 50  # mm from the centre
+    body, lungs = (y / 55) ** 2 + (x / 55) ** 2 <= 1, (y / 38) ** 2 + (x / 40) ** 2 <= 1
+    hu = np.repeat(np.where(lungs, -850, np.where(body, 40, -1000)).astype(np.int16)[None], nz, axis=0)
+    hu[:3] = hu[-3:] = np.where(body, 40, -1000)
+    z = (np.arange(nz) + 0.5) * sz - nz * sz / 2
+    centres = []
+    for k, d in enumerate(DIAMETERS):
+        cy, cx = 22 * np.sin(2 * np.pi * k / len(DIAMETERS)), 22 * np.cos(2 * np.pi * k / len(DIAMETERS))
+        ball = (z[:, None, None] ** 2 + (y - cy)[None] ** 2 + (x - cx)[None] ** 2) <= (d / 2) ** 2
+        hu[ball] = 40
+        centres.append([cx, cy, 0.0])
+    g = Geometry((pixel_mm, pixel_mm, sz), (-50 + pixel_mm / 2, -50 + pixel_mm / 2, z[0]), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                 hu.shape)
+    return CTVolume(hu, g), np.array(centres)
+
+
+def _cpm_and_found(pixel_mm_model: float, pixel_mm_scan: float) -> tuple[float, list[bool]]:
+    from noduledet.config import Config, EvalConfig
+    from noduledet.data.luna16 import Findings
+    from noduledet.inference import Detector
+    from noduledet.metrics.froc import froc_curve, scan_outcome, sensitivities_at
+    from noduledet.pipeline import Pipeline
+
+    volume, centres = _chest(pixel_mm_scan)
+    detector = Detector(SizedBlobs(), (-3.0, 0.0, 3.0), (-1000.0, 400.0), channels_last=False, pixel_mm=pixel_mm_model)
+    cands = Pipeline(detector, EvalConfig(), Config()).run_volume(volume).candidates
+    uid = np.array(["s"] * len(centres))
+    nodules = Findings(uid, centres, np.array(DIAMETERS))
+    table = Findings(np.array(["s"] * len(cands), dtype=str), np.array([c.world_xyz for c in cands]).reshape(-1, 3),
+                     np.array([c.probability for c in cands]))
+    outcome = scan_outcome(nodules, Findings.empty(), table)
+    return float(sensitivities_at(*froc_curve([outcome])).mean()), list(np.isfinite(outcome.nodule_probs))
+
+
+def test_the_same_scan_at_0_6_and_1_0_mm_pixels_scores_the_same():
+    """At the working spacing the detector meets every nodule at the size it learnt, whatever the
+    scan's pixels; at the scans' own spacing the same detector loses the small nodule of the
+    1.0 mm scan, and the two scans' results differ."""
+    fine, coarse = _cpm_and_found(0.7, 0.6), _cpm_and_found(0.7, 1.0)
+    assert abs(fine[0] - coarse[0]) <= 0.05 and all(fine[1]) and all(coarse[1])
+    native_fine, native_coarse = _cpm_and_found(0.0, 0.6), _cpm_and_found(0.0, 1.0)
+    assert native_fine[1] != native_coarse[1] and not native_coarse[1][0]  # the 6 mm nodule is 6 px there
