@@ -26,6 +26,7 @@ def test_models_prints_the_models_own_sizes(capsys):
     assert [c[0] for c in cells] == ["res", "ccapm"]
     for c in cells:
         assert c[1] == f"{count_parameters(build_detector(c[0])) / 1e6:.2f}"
+    assert "ccapm: ResNet-18 x0.25, attention ccapm (form 'hou', combine 'add', chan_embed 'y')" in out
 
 
 def test_models_unknown_variant_is_one_line(capsys):

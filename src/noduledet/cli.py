@@ -13,7 +13,7 @@ from noduledet.errors import UserError
 def _models(args: argparse.Namespace) -> int:
     import torch
 
-    from noduledet.models import PRESETS, VARIANTS
+    from noduledet.models import PRESETS, VARIANTS, describe_variant
     from noduledet.models.profile import format_table, profile_variant
 
     torch.set_num_threads(args.threads) if args.threads else None
@@ -28,6 +28,7 @@ def _models(args: argparse.Namespace) -> int:
         r["mparams"] = r["params"] / 1e6
     print(format_table(rows, [("variant", "variant", ""), ("mparams", "params (M)", ".2f"),
                               ("gflops", "GFLOPs/slice", ".2f"), ("ms", "CPU ms/slice", ".0f")]))
+    print("\n" + "\n".join(describe_variant(v, args.preset) for v in variants))  # carrier, attention form, neck
     return 0
 
 

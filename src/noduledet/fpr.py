@@ -10,7 +10,8 @@
 2. an isotropic cube is cut around every candidate and every annotated nodule (a little larger
    than the classifier's, so that training can shift it);
 3. the 3D classifier trains on balanced batches (half nodules, half false positives) with flips
-   on all three axes, quarter turns in the axial plane, shifts and HU gain and offset;
+   on all three axes, quarter turns in the axial plane, shifts, zooms of up to 15% (nodule sizes
+   the training scans lack), HU gain and offset, and noise;
 4. both stages run over the validation scans; the thresholds giving 1/2, 1, 2 and 4 false
    positives per scan there are the operating points.
 
