@@ -69,3 +69,25 @@ def test_table3_gpu_training_loop_runs_on_cpu():
     assert r["steps"] == 2 and len(r["losses"]) == 3 and r["images_per_s"] > 0
     assert all(torch.isfinite(torch.tensor(r["losses"]))) and "loss_objectness" in r["last_terms"]
     assert loss_curve([4.0, 2.0, 1.0, 1.0], points=2) == [(2, 3.0), (4, 1.0)]
+
+
+def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
+    """The independent generator's LUNA16 files agree with its voxels: every annotated centre,
+    taken through the scan's own geometry, lies on dense tissue inside the body, and the lung
+    around it is air-dense."""
+    import numpy as np
+    from foreign_phantom import main as foreign
+
+    from noduledet.data.ct import read_ct
+    from noduledet.data.luna16 import Luna16
+
+    assert foreign([str(tmp_path / "f"), "--scans", "1", "--seed", "3"]) == 0
+    data = Luna16(tmp_path / "f")
+    [uid] = data.uids
+    volume = read_ct(data.scan_path(uid))
+    nodules = data.annotations().for_scan(uid)
+    assert len(nodules.uids) >= 1
+    for xyz, d in zip(nodules.xyz, nodules.value):
+        z, y, x = np.rint(volume.geometry.world_to_voxel(xyz)).astype(int)
+        assert 3 <= d <= 40 and volume.hu[z, y, x] > -500, (xyz, d, volume.hu[z, y, x])
+    assert np.median(volume.hu[volume.hu.shape[0] // 2]) < 0  # mostly air and lung, not solid
