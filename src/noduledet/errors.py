@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message names the file or value and the problem, in one line.
     """
+
+
+class NoSpaceError(UserError):
+    """The disk is full: a batch stops here rather than fail every scan that follows."""

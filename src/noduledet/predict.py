@@ -38,7 +38,7 @@ from noduledet.batch import (ScanInput, done, expand_inputs, failures, merge, op
 from noduledet.data.ct import CTVolume, read_ct, write_ct
 from noduledet.data.luna16 import write_findings
 from noduledet.distributed import barrier, rank_and_world, resolve_device
-from noduledet.errors import UserError
+from noduledet.errors import NoSpaceError, UserError
 from noduledet.geometry import voxel_to_pixel
 from noduledet.merge import Candidate
 from noduledet.metrics.froc import fp_label
@@ -189,10 +189,13 @@ def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
 
 
 def _predict_one(pipeline: Pipeline, scan: ScanInput, out: Path, options: PredictOptions, log) -> None:
-    """One scan into ``out/<name>``; a user error is recorded in ``out/failed`` and the run goes on."""
+    """One scan into ``out/<name>``; a user error is recorded in ``out/failed`` and the run goes on
+    (a full disk stops it)."""
     try:
         with staged_dir(out / scan.name, force=True) as folder:
             summary = predict_scan(pipeline, scan, folder, options)
+    except NoSpaceError:
+        raise
     except UserError as e:
         record_failure(out, scan.name, str(e))
         if log:

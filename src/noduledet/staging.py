@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from noduledet.errors import UserError
+from noduledet.errors import NoSpaceError, UserError
 
 
-def _space_error(path: Path, err: OSError, kept: str = "the previous version is kept") -> UserError:
-    return UserError(f"{path}: no space left on the device; {kept} ({err.strerror})")
+def _space_error(path: Path, err: OSError, kept: str = "the previous version is kept") -> NoSpaceError:
+    return NoSpaceError(f"{path}: no space left on the device; {kept} ({err.strerror})")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
