@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from noduledet.config import Config, load_config
-from noduledet.report import froc_table, markdown_to_html, slice_table
+from noduledet.report import markdown_to_html, scan_level_lines, slice_table
 from noduledet.staging import staged_dir, write_text
 
 DEMO_SIZE = 512  # default in-plane pixels of the phantom scans: LUNA16's, 0.5-0.95 mm pixels
@@ -147,7 +147,7 @@ def write_report(tmp: Path, out: Path, cfg: Config, results: dict, stages: dict,
         f"Slice level (score >= {a['score_threshold']}, IoU >= {a['iou_threshold']}):", "",
         *slice_table([("with a nodule, the paper's protocol", a), ("all lung slices", b)]), "",
         f"Scan level, LUNA16 FROC ({f['nodules']} nodules in {f['scans']} scans, {f['detected']} hit by a candidate):", "",
-        *froc_table(f), "",
+        *scan_level_lines(report), "",
         "![Training loss and validation mAP and recall per epoch](figures/training.png)", "",
         "![FROC curve of the held-out scans (LUNA16 rules)](figures/froc.png)", "",
         "![Precision-recall on the held-out slices with a nodule](figures/pr.png)", "",

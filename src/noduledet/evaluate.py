@@ -29,10 +29,10 @@ from noduledet.distributed import barrier, gather, rank_and_world, resolve_devic
 from noduledet.errors import UserError
 from noduledet.metrics.coco import pr_curve, slice_metrics
 from noduledet.metrics.paired import scan_detections
-from noduledet.metrics.froc import at_thresholds, fp_label, froc, plot_froc
+from noduledet.metrics.froc import at_thresholds, froc, plot_froc
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
-from noduledet.report import froc_table, number, size_table, slice_table
+from noduledet.report import number, scan_level_lines, slice_table
 from noduledet.staging import staged_dir, write_json, write_text
 
 
@@ -192,14 +192,6 @@ def markdown_report(report: dict) -> str:
     ]
     if a.get("jaccard_mask") is not None and number(a["jaccard_mask"]) != "n/a":
         lines += ["", f"Mask Jaccard (matched nodules): {number(a['jaccard_mask'], 4)}."]
-    lines += ["", f"## Scan level: LUNA16 FROC ({f['nodules']} nodules, {f['detected']} hit by a candidate)", ""]
-    if "froc_stage1" in report:
-        lines += [f"Stage one alone: CPM {number(report['froc_stage1']['cpm'])}; with the 3D false-positive "
-                  f"reduction (below): CPM {number(f['cpm'])}.", ""]
-    lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *size_table(f)]
-    if report.get("operating_points"):
-        lines += ["", "Operating points (thresholds calibrated on the validation scans, applied here):", "",
-                  "| calibrated for FP/scan | threshold | FP/scan here | sensitivity here |", "|---:|---:|---:|---:|",
-                  *[f"| {fp_label(p['fp_rate_validation'])} | {p['threshold']:.3f} | {p['fp_per_scan']:.2f} | "
-                    f"{number(p['sensitivity'])} |" for p in report["operating_points"]]]
+    lines += ["", f"## Scan level: LUNA16 FROC ({f['nodules']} nodules, {f['detected']} hit by a candidate)", "",
+              *scan_level_lines(report)]
     return "\n".join(lines) + "\n"

@@ -60,6 +60,24 @@ def froc_table(froc: dict) -> list[str]:
 _IMG = re.compile(r"!\[([^\]]*)\]\(([^)]+\.png)\)")
 
 
+def scan_level_lines(report: dict) -> list[str]:
+    """Markdown of an evaluation's scan level: stage one beside both stages, the FROC, the
+    sensitivity by size and the calibrated operating points (``evaluate``'s report dict)."""
+    from noduledet.metrics.froc import fp_label
+
+    f, lines = report["froc"], []
+    if "froc_stage1" in report:
+        lines += [f"Stage one alone: CPM {number(report['froc_stage1']['cpm'])}; with the 3D false-positive "
+                  f"reduction (below): CPM {number(f['cpm'])}.", ""]
+    lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *size_table(f)]
+    if report.get("operating_points"):
+        lines += ["", "Operating points (thresholds calibrated on the validation scans, applied here):", "",
+                  "| calibrated for FP/scan | threshold | FP/scan here | sensitivity here |", "|---:|---:|---:|---:|",
+                  *[f"| {fp_label(p['fp_rate_validation'])} | {p['threshold']:.3f} | {p['fp_per_scan']:.2f} | "
+                    f"{number(p['sensitivity'])} |" for p in report["operating_points"]]]
+    return lines
+
+
 def markdown_to_html(markdown: str, root: Path, title: str) -> str:
     """A small markdown subset (headings, tables, lists, images, code, paragraphs) as one HTML page
     with every PNG embedded, so the page stands alone."""
