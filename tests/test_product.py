@@ -33,7 +33,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     md = (out / "report.md").read_text()
     for heading in ("## Setup", "## Results on the held-out scans", "## Predictions on two held-out scans", "## Time"):
         assert heading in md
-    assert "not clinical results" in md and "CPM" in md
+    assert "not clinical results" in md and "CPM" in md and "| 3-6 mm |" in md  # sensitivity by size
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
     assert (out / "run" / "best.pt").exists() and (out / "eval" / "metrics.json").exists()
