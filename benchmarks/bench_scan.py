@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
-
 from noduledet import checkpoint as ckpt_io  # noqa: E402
 from noduledet.data.cache import prepare  # noqa: E402
 from noduledet.data.ct import CTVolume, read_ct, write_ct  # noqa: E402
