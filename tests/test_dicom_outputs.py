@@ -159,3 +159,25 @@ def test_series_without_frame_of_reference_is_refused(tmp_path):
         ds.save_as(path, enforce_file_format=True)
     with pytest.raises(UserError, match="no FrameOfReferenceUID"):
         read_series_headers(tmp_path / "bare")
+
+
+def test_predict_writes_a_seg_equal_to_its_nifti_mask(phantom_root, tmp_path):
+    """A Mask R-CNN checkpoint on a DICOM series: predict's seg.dcm, read back with highdicom on
+    the source instances, is its mask.nii.gz voxel for voxel, and the SR lists the same findings."""
+    from noduledet.cli import main
+    from noduledet.data.ct import read_ct
+    from noduledet.data.luna16 import Luna16
+    from tests.conftest import write_random_checkpoint
+
+    data = Luna16(phantom_root)
+    folder = tmp_path / "dicom"
+    write_dicom(read_ct(data.scan_path(data.uids[0])), folder)
+    ckpt = write_random_checkpoint(tmp_path / "mask.pt", masks=True)
+    assert main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(tmp_path / "out"), "--no-pictures",
+                 "--no-viewer", "--score-threshold", "0.0"]) == 0
+    [scan] = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    mask = read_ct(scan / "mask.nii.gz").hu
+    assert mask.max() > 0
+    back = read_seg(scan / "seg.dcm", read_series_headers(folder))
+    np.testing.assert_array_equal(back, mask)
+    assert len(read_sr(scan / "sr.dcm")) >= mask.max()

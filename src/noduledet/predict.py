@@ -49,6 +49,9 @@ from noduledet.staging import staged_dir, write_text
 __all__ = ["PredictOptions", "ScanInput", "expand_inputs", "predict", "predict_scan"]
 
 
+MAX_LABEL = 255  # findings with a mask in mask.nii.gz and seg.dcm, the most probable first
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """What a predict run writes besides the candidates (recorded in ``run.json``)."""
@@ -125,11 +128,11 @@ def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> Non
 
 
 def label_volume(volume: CTVolume, result: ScanResult, threshold: float) -> np.ndarray:
-    """Label volume (finding rank, 1..255) from the Mask R-CNN masks of the candidates at or above
+    """Label volume (finding rank, 1..MAX_LABEL) from the Mask R-CNN masks of the candidates at or above
     ``threshold``, in the input's geometry."""
     labels = np.zeros(volume.hu.shape, dtype=np.int16)
     z0, y0, x0 = result.region.start_zyx
-    for rank, c in enumerate([c for c in result.candidates if c.probability >= threshold][:255], start=1):
+    for rank, c in enumerate([c for c in result.candidates if c.probability >= threshold][:MAX_LABEL], start=1):
         for k, j in c.members:
             d = result.detections[k]
             if d.masks is None:
@@ -156,7 +159,7 @@ def write_reports(scan: ScanInput, result: ScanResult, labels: np.ndarray | None
     sources = read_series_headers(scan.path, options.series)
     write_sr(findings, sources, folder / "sr.dcm")
     if labels is not None and labels.any():
-        write_seg(labels, findings, sources, folder / "seg.dcm")
+        write_seg(labels, findings[:MAX_LABEL], sources, folder / "seg.dcm")  # label_volume's ranks
 
 
 def write_viewer_payload(scan: ScanInput, volume: CTVolume, result: ScanResult, folder: Path,
