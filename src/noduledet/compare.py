@@ -200,7 +200,7 @@ def _finish(out: Path, table: int, rows_of: list[str], results: dict, runs: dict
             row[f"paper_{k}"] = value
         for metric, d in paired.get(v, {}).items():
             row.update({f"d_{metric}": d.difference, f"d_{metric}_low": d.ci_low, f"d_{metric}_high": d.ci_high,
-                        f"d_{metric}_verdict": d.verdict})
+                        f"d_{metric}_verdict": d.verdict, f"d_{metric}_scans_needed": d.scans_needed(0.05)})
         rows.append(row)
     figure = out / f"figure{FIGURE[table]}.png"
     curves = {v: _mean_curve([read_metrics(out / "runs" / f"{runs[v]}-s{s}" / "metrics.csv") for s in seeds])
@@ -228,6 +228,17 @@ def _difference_cell(r: dict, metric: str) -> str:
         return "baseline" if r.get("is_baseline") else ""
     return (f"{r[f'd_{metric}']:+.3f} [{r[f'd_{metric}_low']:+.3f}, {r[f'd_{metric}_high']:+.3f}] "
             f"{r[f'd_{metric}_verdict']}")
+
+
+def _power_lines(rows: list[dict]) -> list[str]:
+    """How many held-out scans these spreads would need to tell a 0.05 CPM difference from none."""
+    needs = [(r["variant"], r["d_cpm_scans_needed"]) for r in rows if "d_cpm_scans_needed" in r]
+    if not needs:
+        return []
+    said = ", ".join(f"`{v}` {n if n is not None else 'more seeds first (the seeds alone are too spread)'}"
+                     for v, n in needs)
+    return [f"Held-out scans needed for a 95% interval to exclude 0 with 80% power when the true CPM difference "
+            f"is 0.05, at these per-scan and per-seed spreads and seeds: {said}.", ""]
 
 
 def _write_table(stem: Path, table: int, rows: list[dict], protocol: str, seeds, preset: str,
@@ -267,7 +278,7 @@ def _write_table(stem: Path, table: int, rows: list[dict], protocol: str, seeds,
     lines += ["", f"Δ: the row minus `{base}`, mean over seeds, with a 95% interval from a bootstrap of the held-out "
                   "scans and the seeds, paired (the same scans and seeds for both rows); \"not distinguishable\" when "
                   "the interval holds 0.", "",
-              "The paper's columns are as printed (LUNA16, its own protocol; Jaccard and F1 converted from "
+              *_power_lines(rows), "The paper's columns are as printed (LUNA16, its own protocol; Jaccard and F1 converted from "
               "percent). Numbers measured on the phantom are not comparable with them.", "",
               *[f"`{v}` is the same network as `{n.rsplit('-', 1)[0]}` at preset `{preset}` with the same neck: "
                 f"its row is that run." for v, n in shared.items()], *([""] if shared else []),
