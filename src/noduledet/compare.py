@@ -235,7 +235,7 @@ def _power_lines(rows: list[dict]) -> list[str]:
     needs = [(r["variant"], r["d_cpm_scans_needed"]) for r in rows if "d_cpm_scans_needed" in r]
     if not needs:
         return []
-    said = ", ".join(f"`{v}` {n if n is not None else 'more seeds first (the seeds alone are too spread)'}"
+    said = ", ".join(f"`{v}` {n if n is not None else 'not estimable (the seeds alone are too spread, or no spread measured)'}"
                      for v, n in needs)
     return [f"Held-out scans needed for a 95% interval to exclude 0 with 80% power when the true CPM difference "
             f"is 0.05, at these per-scan and per-seed spreads and seeds: {said}.", ""]

@@ -70,7 +70,10 @@ class PairedDifference:
         return asdict(self)
 
     def scans_needed(self, difference: float = 0.05, power: float = 0.8, seeds: int | None = None) -> int | None:
-        """``scans_needed`` with this comparison's spreads and level (and its seeds unless given)."""
+        """``scans_needed`` with this comparison's spreads and level (and its seeds unless given);
+        None also when a spread could not be measured (nothing found, one seed)."""
+        if not (math.isfinite(self.per_scan_sd) and math.isfinite(self.per_seed_sd)) or self.per_scan_sd == 0:
+            return None
         return scans_needed(self.per_scan_sd, difference, self.level, power, self.per_seed_sd,
                             self.seeds if seeds is None else seeds)
 
