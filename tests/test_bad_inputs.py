@@ -686,6 +686,12 @@ def config_unknown_variant(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
+@_case(CONFIGS, r"stage2\.blobs=-1; it must be 0 \(none\) or more")
+def config_negative_blobs(d):
+    (d / "c.yaml").write_text("stage2:\n  blobs: -1\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
 @_case(CONFIGS, "no such config file")
 def config_missing(d):
     return [d / "nope.yaml"], d / "nope.yaml"

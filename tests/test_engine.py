@@ -176,3 +176,13 @@ def test_config_values_are_checked_when_loaded(override, message):
     with pytest.raises(UserError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_checkpoint_from_before_the_blob_filter_goes_on_without_it(trained, tmp_path):
+    from noduledet import checkpoint
+
+    assert checkpoint.load(trained / "best.pt").config.stage2.blobs == 50  # the default, stored
+    raw = torch.load(trained / "best.pt", weights_only=True)
+    del raw["config"]["stage2"]["blobs"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert checkpoint.load(tmp_path / "old.pt").config.stage2.blobs == 0

@@ -1,5 +1,7 @@
 """The second stage: isotropic patches, the 3D classifier, operating points and sizes."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,13 @@ def test_pipeline_rescores_with_the_second_stage():
     assert c.probability == pytest.approx((0.9 + 1 / (1 + np.e)) / 2) and c.stage1 == pytest.approx(0.9)  # mean
     assert np.linalg.norm(c.world_xyz - world) < 0.8 and "stage2_s" in both.timings
     assert c.to_dict()["stage1_probability"] == pytest.approx(0.9)
+    # stage one blind (nothing reaches min_score): the blob filter still puts the nodule before stage two
+    blind = EvalConfig(min_score=0.95)
+    assert not Pipeline(detector, blind, cfg).run_volume(volume).candidates
+    found = Pipeline(detector, blind, cfg, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+    assert len(found.candidates) == 1 and not found.stage1 and "blobs_s" in found.timings
+    c = found.candidates[0]
+    assert np.linalg.norm(c.world_xyz - world) < 1.0 and c.stage1 == 0.0
+    assert c.probability == pytest.approx(1 / (1 + np.e))  # the classifier's alone: stage one never proposed it
+    off = Config(stage2=replace(cfg.stage2, blobs=0))
+    assert not Pipeline(detector, blind, off, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume).candidates

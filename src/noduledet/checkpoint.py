@@ -102,6 +102,9 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
     if found != FORMAT:
         raise UserError(f"{path}: checkpoint format {found}, this noduledet {__version__} reads format {FORMAT}; "
                         f"retrain with this version (noduledet train)")
+    stage2 = raw["config"].get("stage2") if isinstance(raw["config"], dict) else None
+    if isinstance(stage2, dict) and "blobs" not in stage2:  # trained before the blob filter: it goes on without
+        raw["config"]["stage2"] = {**stage2, "blobs": 0}
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
                       list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)

@@ -106,6 +106,7 @@ class Stage2Config:
 
     enabled: bool = True
     candidates: int = 300  # stage one's most probable candidates that stage two scores (then max_candidates kept)
+    blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them; 0: none
     size: int = 24  # patch edge in voxels ...
     spacing_mm: float = 1.25  # ... of this size (a 30 mm cube)
     width: int = 16  # channels of the classifier's first layer
@@ -169,6 +170,8 @@ def _check_choices(cfg: Config, source: str) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
+    if cfg.stage2.blobs < 0:
+        raise UserError(f"{source}: stage2.blobs={cfg.stage2.blobs}; it must be 0 (none) or more")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

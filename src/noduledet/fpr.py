@@ -5,8 +5,9 @@
 1. stage one (the run's ``best.pt``) runs over the training scans, through the same
    ``Pipeline`` as ``predict``, and each candidate gets the FROC's label: one that hits a
    nodule is a positive, one that hits only an excluded finding is dropped, any other is a
-   false positive — the hard negatives, mostly vessels seen end-on; a few vessel-like spots
-   per scan join them, so that the classifier sees more than one detector's mistakes;
+   false positive — the hard negatives, mostly vessels seen end-on; the blob filter's spots
+   (``stage2.blobs``, ``noduledet.blobs``) are labelled the same way, and a few vessel-like
+   spots per scan join the negatives, so that the classifier sees more than one detector's mistakes;
 2. an isotropic cube is cut around every candidate and every annotated nodule (a little larger
    than the classifier's, so that training can shift it);
 3. the 3D classifier trains on balanced batches (half nodules, half false positives) with flips
@@ -32,6 +33,7 @@ import torch
 from scipy import ndimage
 
 from noduledet import checkpoint
+from noduledet.blobs import find_blobs
 from noduledet.config import Config
 from noduledet.data.cache import SliceCache
 from noduledet.data.dataset import vessel_like
@@ -70,18 +72,20 @@ def vessel_spots(cache: SliceCache, uid: str, count: int, rng: np.random.Generat
 
 
 def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, spots: int = 8,
-         progress=None) -> list[dict]:
-    """Stage one's candidates on ``uids`` with their labels (1 nodule, 0 false positive), every
-    annotated nodule (1) and ``spots`` vessel-like spots per scan (0): {"uid", "world_xyz", "label"}."""
+         blobs: int = 0, progress=None) -> list[dict]:
+    """Stage one's candidates on ``uids`` and ``blobs`` spots of the blob filter, with their labels
+    (1 nodule, 0 false positive), every annotated nodule (1) and ``spots`` vessel-like spots per
+    scan (0): {"uid", "world_xyz", "label"}."""
     items = []
     for k, uid in enumerate(track(progress, uids)):
         nodules, excluded = scan_findings(cache, uid)
         result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
-        points = [c.world_xyz for c in result.candidates]
-        points += list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
+        found = [c.world_xyz for c in result.candidates]
+        found += [c.world_xyz for c in find_blobs(cache.volume(uid), cache.geometry(uid), blobs, result.candidates)]
+        points = found + list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
         for i, xyz in enumerate(points):
             on_nodule = bool(hits(xyz, nodules).any())
-            if (on_nodule and i < len(result.candidates)) or not (on_nodule or hits(xyz, excluded, 10.0).any()):
+            if (on_nodule and i < len(found)) or not (on_nodule or hits(xyz, excluded, 10.0).any()):
                 items.append({"uid": uid, "world_xyz": np.asarray(xyz).tolist(), "label": int(on_nodule)})
         items += [{"uid": uid, "world_xyz": xyz.tolist(), "label": 1} for xyz in nodules.xyz]
     return items
@@ -180,7 +184,7 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     if not mined.is_file():  # the slow part, kept for a resumed run
         t = time.perf_counter()
         miner = Pipeline(stage1.detector, replace(stage1.settings, max_candidates=s.candidates), stage1.config)
-        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, progress=progress))
+        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, blobs=s.blobs, progress=progress))
         if log:
             log(f"stage 2: stage one ran over {len(splits['train'])} training scans in {time.perf_counter() - t:.0f} s")
     items = json.loads(mined.read_text())

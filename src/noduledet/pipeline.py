@@ -7,6 +7,8 @@
            -> stage one: the detector on the region's lung slices, ``slice_step_mm`` apart
               (batched, no autograd, resampled to the working pixel spacing)
            -> 3D merge -> the most probable ``max_candidates`` (``stage2.candidates`` with stage two)
+           -> with stage two, ``stage2.blobs`` round spots from a 3D blob filter join them
+              (``noduledet.blobs``: untrained, it proposes what stage one never learnt)
            -> stage two, when the checkpoint has it: a 3D classifier scores an isotropic cube
               around each candidate, the probabilities are combined (``stage2.combine``) and the
               most probable ``max_candidates`` kept
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from noduledet import checkpoint
+from noduledet.blobs import find_blobs
 from noduledet.config import Config, EvalConfig, check_eval
 from noduledet.data.ct import CTVolume
 from noduledet.data.luna16 import Findings
@@ -146,26 +149,36 @@ class Pipeline:
             candidates = [c.moved(region.start_zyx) for c in merged]
             timings["merge_3d_s"] = time.perf_counter() - t
         stage1 = candidates[: s.max_candidates]
-        if self.classifier is not None and candidates:
+        spots: list[Candidate] = []
+        if self.classifier is not None and region.lung_slices and self.config.stage2.blobs:
             t = time.perf_counter()
-            candidates = self.rescore(hu, geometry, candidates)[: s.max_candidates]
+            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, self.config.stage2.blobs, candidates)]
+            timings["blobs_s"] = time.perf_counter() - t
+        if self.classifier is not None and (candidates or spots):
+            t = time.perf_counter()
+            candidates = self.rescore(hu, geometry, candidates, spots)[: s.max_candidates]
             timings["stage2_s"] = time.perf_counter() - t
         return ScanResult(candidates, detections, region, timings, s.score_threshold, stage1)
 
     @torch.inference_mode()
-    def rescore(self, hu: np.ndarray, geometry: Geometry, candidates: list[Candidate]) -> list[Candidate]:
+    def rescore(self, hu: np.ndarray, geometry: Geometry, candidates: list[Candidate],
+                spots: list[Candidate] = ()) -> list[Candidate]:
         """Stage two: each candidate's probability combined with the classifier's for the cube
-        around it; most probable first."""
+        around it (``stage2.combine``); the blob filter's ``spots``, which stage one never
+        proposed, keep the classifier's alone. Most probable first."""
         spec = self.classifier.spec
-        patches = extract_patches(hu, geometry, [c.world_xyz for c in candidates], spec.size, spec.spacing_mm)
+        everything = list(candidates) + list(spots)
+        patches = extract_patches(hu, geometry, [c.world_xyz for c in everything], spec.size, spec.spacing_mm)
         scores = []
         for start in range(0, len(patches), 64):
             x = self.classifier.window(torch.from_numpy(patches[start:start + 64]).to(self.detector.device))
             scores.append(torch.sigmoid(self.classifier(x)).float().cpu())
         p2 = torch.cat(scores).numpy()
         p1 = np.array([c.probability for c in candidates])
-        p = {"stage2": p2, "mean": (p1 + p2) / 2, "product": p1 * p2}[self.config.stage2.combine]
+        head = p2[: len(candidates)]
+        p = {"stage2": head, "mean": (p1 + head) / 2, "product": p1 * head}[self.config.stage2.combine]
         out = [replace(c, probability=float(q), stage1=c.probability) for c, q in zip(candidates, p)]
+        out += [replace(c, probability=float(q), stage1=0.0) for c, q in zip(spots, p2[len(candidates):])]
         return sorted(out, key=lambda c: -c.probability)
 
 

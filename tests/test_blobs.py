@@ -1,0 +1,80 @@
+"""The untrained blob filter that proposes candidates beside stage one (noduledet.blobs)."""
+
+import numpy as np
+import pytest
+
+from noduledet.blobs import blob_points, find_blobs, suppress
+from noduledet.geometry import Geometry
+from noduledet.merge import Candidate
+
+BALLS = {"small": ((-10.0, 8.0, 30.0), 1.6), "large": ((15.0, -12.0, 40.0), 5.0)}  # world centre, radius mm
+
+
+def _chest(spacing):
+    """Lungs in a body at ``spacing`` (x, y, z mm): a 3.2 mm and a 10 mm ball and a 5 mm wide
+    vessel running the length of the lung along z, all at 40 HU, placed in world mm."""
+    sx, sy, sz = spacing
+    shape = (int(70 / sz), int(84 / sy), int(84 / sx))
+    g = Geometry(spacing, (-42.0, -42.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), shape)
+    z, y, x = (np.indices(shape, dtype=np.float32).reshape(3, -1).T @ np.diag([sz, sy, sx])).T.reshape(3, *shape)
+    x, y = x - 42.0, y - 42.0
+    body = (x / 46) ** 2 + (y / 46) ** 2 <= 1  # wider than the image: touches the border
+    lungs = ((x / 34) ** 2 + (y / 30) ** 2 <= 1) & (z > 6) & (z < 64)
+    hu = np.where(lungs, -850, np.where(body, 40, -1000)).astype(np.float32)
+    hu[lungs & ((x - 5) ** 2 + (y - 15) ** 2 <= 2.5 ** 2)] = 40  # the vessel, seen end-on in every slice
+    for (cx, cy, cz), r in BALLS.values():
+        hu[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= r ** 2] = 40
+    return hu.astype(np.int16), g
+
+
+@pytest.mark.parametrize("spacing", [(0.6, 0.6, 1.25), (1.0, 1.0, 0.7)], ids=["0.6mm", "1.0mm"])
+def test_the_balls_come_first_and_the_vessel_not_at_all(spacing):
+    hu, g = _chest(spacing)
+    found = find_blobs(hu, g, count=10)
+    assert len(found) >= 2
+    centres = np.array([c for c, _ in BALLS.values()])
+    first_two = np.array([c.world_xyz for c in found[:2]])
+    dist = np.linalg.norm(first_two[:, None] - centres[None], axis=-1)
+    assert sorted(dist.argmin(1)) == [0, 1] and dist.min(1).max() < 1.5  # each ball once, within 1.5 mm
+    for c in found[:2]:
+        (_, r) = list(BALLS.values())[int(np.linalg.norm(centres - c.world_xyz, axis=1).argmin())]
+        assert r / 1.6 < c.diameter_mm / 2 < r * 1.6  # the scale that answered is about the ball's
+        assert c.probability == 0.0 and c.slices == 0
+    along_vessel = [c for c in found if np.hypot(c.world_xyz[0] - 5, c.world_xyz[1] - 15) < 3 and 15 < c.world_xyz[2] < 55]
+    assert not along_vessel  # a tube has an eigenvalue near zero: no blob, however bright (its ends may be)
+
+
+def test_the_voxel_centres_map_to_world_through_the_geometry():
+    hu, g = _chest((0.6, 0.6, 1.25))
+    for c in find_blobs(hu, g, count=2):
+        assert np.allclose(g.voxel_to_world(c.voxel_zyx), c.world_xyz)
+
+
+def test_spots_stage_one_has_taken_and_count_zero():
+    hu, g = _chest((1.0, 1.0, 0.7))
+    (small, _), (large, _) = BALLS.values()
+    taken = Candidate(np.zeros(3), np.array(large), 0.9, 10.0, 3, (0, 0), [])
+    found = find_blobs(hu, g, count=10, taken=[taken])
+    assert all(np.linalg.norm(c.world_xyz - np.array(large)) > 5.0 for c in found)
+    assert np.linalg.norm(found[0].world_xyz - np.array(small)) < 1.5
+    assert find_blobs(hu, g, count=0) == []
+
+
+def test_no_lung_no_blobs():
+    hu, g = _chest((1.0, 1.0, 0.7))
+    solid = np.full_like(hu, 40)
+    solid[20:24, 30:34, 30:34] = 300  # a bright spot in a body without air
+    assert find_blobs(solid, g, count=10) == []
+
+
+def test_blob_points_of_a_flat_volume_are_none():
+    at, score, radius = blob_points(np.full((20, 20, 20), -850, dtype=np.int16), (1.0, 1.0, 1.0))
+    assert at.shape == (0, 3) and len(score) == len(radius) == 0
+
+
+def test_suppress_by_hand():
+    world = np.array([[0.0, 0, 0], [1.0, 0, 0], [10.0, 0, 0], [30.0, 0, 0]])
+    radius = np.array([3.0, 1.0, 2.0, 2.0])
+    # point 1 lies within point 0's 3 mm; point 3 within the taken point's 5 mm
+    assert suppress(world, radius, 10, taken=np.array([[33.0, 0, 0]]), taken_radius=np.array([5.0])) == [0, 2]
+    assert suppress(world, radius, 1) == [0]
