@@ -131,3 +131,20 @@ def test_predict_and_evaluate_shard_scans_under_torchrun(phantom_root, trained, 
     b = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert a["slices"] == b["slices"] and a["froc"]["cpm"] == pytest.approx(b["froc"]["cpm"])
     assert a["slice_metrics_all_lung_slices"]["ap50"] == pytest.approx(b["slice_metrics_all_lung_slices"]["ap50"], abs=1e-6)
+
+
+def test_a_blob_spot_is_labelled_as_the_ball_of_its_size():
+    from noduledet.merge import Candidate
+    from noduledet.predict import label_ball
+
+    labels = np.zeros((40, 60, 60), dtype=np.int16)
+    spacing = (0.5, 0.5, 1.25)  # x, y, z mm
+    spot = Candidate(np.array([20.0, 30.0, 30.0]), np.zeros(3), 0.9, 8.0, 0, (17, 23), [])
+    label_ball(labels, spot, spacing, 3)
+    volume = (labels == 3).sum() * 0.5 * 0.5 * 1.25
+    assert volume == pytest.approx(4 / 3 * np.pi * 4.0 ** 3, rel=0.1)
+    assert labels[20, 30, 30] == 3 and labels[20, 30, 38] == 3 and labels[20, 30, 39] == 0  # 4 mm = 8 px in x
+    assert labels[23, 30, 30] == 3 and labels[24, 30, 30] == 0  # 4 mm = 3.2 slices in z
+    edge = Candidate(np.array([0.0, 0.0, 0.0]), np.zeros(3), 0.9, 8.0, 0, (0, 3), [])
+    label_ball(labels, edge, spacing, 1)  # clipped at the volume's corner, the earlier label kept
+    assert labels[0, 0, 0] == 1 and (labels == 3).sum() * 0.5 * 0.5 * 1.25 == pytest.approx(volume)

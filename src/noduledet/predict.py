@@ -129,10 +129,12 @@ def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> Non
 
 def label_volume(volume: CTVolume, result: ScanResult, threshold: float) -> np.ndarray:
     """Label volume (finding rank, 1..MAX_LABEL) from the Mask R-CNN masks of the candidates at or above
-    ``threshold``, in the input's geometry."""
+    ``threshold``, in the input's geometry; a blob-filter spot (no slice masks) is the ball of its size."""
     labels = np.zeros(volume.hu.shape, dtype=np.int16)
     z0, y0, x0 = result.region.start_zyx
     for rank, c in enumerate([c for c in result.candidates if c.probability >= threshold][:MAX_LABEL], start=1):
+        if not c.members:
+            label_ball(labels, c, volume.geometry.spacing, rank)
         for k, j in c.members:
             d = result.detections[k]
             if d.masks is None:
@@ -142,6 +144,19 @@ def label_volume(volume: CTVolume, result: ScanResult, threshold: float) -> np.n
             view = labels[z0 + d.z, y:y + m.shape[0], x:x + m.shape[1]]
             view[(m > 0) & (view == 0)] = rank
     return labels
+
+
+def label_ball(labels: np.ndarray, c: Candidate, spacing_xyz, rank: int) -> None:
+    """Set the unlabelled voxels within ``c.diameter_mm / 2`` of the candidate's centre to ``rank``."""
+    sx, sy, sz = spacing_xyz
+    step = np.array([sz, sy, sx])
+    r = c.diameter_mm / 2
+    lo = np.clip(np.floor(c.voxel_zyx - r / step).astype(int), 0, labels.shape)
+    hi = np.clip(np.ceil(c.voxel_zyx + r / step).astype(int) + 1, 0, labels.shape)
+    z, y, x = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    dz, dy, dx = (z - c.voxel_zyx[0]) * sz, (y - c.voxel_zyx[1]) * sy, (x - c.voxel_zyx[2]) * sx
+    view = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    view[(dz ** 2 + dy ** 2 + dx ** 2 <= r * r) & (view == 0)] = rank
 
 
 def write_reports(scan: ScanInput, result: ScanResult, labels: np.ndarray | None, volume: CTVolume, folder: Path,
