@@ -108,18 +108,18 @@ def find_blobs(hu: np.ndarray, geometry: Geometry, count: int, taken: list[Candi
     if count <= 0:
         return []
     hu = np.asarray(hu)
+    lungs = segment_lungs(CTVolume(hu, geometry))
+    if lungs.empty:
+        return []
     sx, sy, sz = geometry.spacing
     at, score, radius = blob_points(hu, (sz, sy, sx), grid_mm)
-    lungs = segment_lungs(CTVolume(hu, geometry))
-    if lungs.empty or not len(at):
-        return []
     block = np.array(lungs.block)
     reach = max(1, int(round(LUNG_DILATION_MM / float(np.mean(block * [sz, sy, sx])))))
     near_lung = ndimage.binary_dilation(lungs.coarse, iterations=reach)
     coarse = np.clip((at / block).astype(int), 0, np.array(near_lung.shape) - 1)
     inside = near_lung[tuple(coarse.T)]
     at, score, radius = at[inside], score[inside], radius[inside]
-    world = np.array([geometry.voxel_to_world(v) for v in at]).reshape(-1, 3)
+    world = geometry.voxel_to_world(at).reshape(-1, 3)
     taken_world = np.array([c.world_xyz for c in taken]).reshape(-1, 3)
     taken_radius = np.array([c.diameter_mm / 2 for c in taken])
     out = []
