@@ -692,6 +692,12 @@ def config_negative_blobs(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
+@_case(CONFIGS, r"stage2\.flips_top=-4; it must be 0 \(none\) or more")
+def config_negative_flips(d):
+    (d / "c.yaml").write_text("stage2:\n  flips_top: -4\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
 @_case(CONFIGS, "no such config file")
 def config_missing(d):
     return [d / "nope.yaml"], d / "nope.yaml"

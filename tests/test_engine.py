@@ -178,11 +178,13 @@ def test_config_values_are_checked_when_loaded(override, message):
     assert message in str(err.value)
 
 
-def test_a_checkpoint_from_before_the_blob_filter_goes_on_without_it(trained, tmp_path):
+def test_a_checkpoint_from_before_the_blob_filter_and_the_flips_goes_on_without_them(trained, tmp_path):
     from noduledet import checkpoint
 
-    assert checkpoint.load(trained / "best.pt").config.stage2.blobs == 50  # the default, stored
+    stage2 = checkpoint.load(trained / "best.pt").config.stage2
+    assert (stage2.blobs, stage2.flips_top) == (50, 32)  # the defaults, stored
     raw = torch.load(trained / "best.pt", weights_only=True)
-    del raw["config"]["stage2"]["blobs"]
+    del raw["config"]["stage2"]["blobs"], raw["config"]["stage2"]["flips_top"]
     torch.save(raw, tmp_path / "old.pt")
-    assert checkpoint.load(tmp_path / "old.pt").config.stage2.blobs == 0
+    stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
+    assert (stage2.blobs, stage2.flips_top) == (0, 0)

@@ -138,3 +138,33 @@ def test_pipeline_rescores_with_the_second_stage():
     assert c.probability == pytest.approx(1 / (1 + np.e))  # the classifier's alone: stage one never proposed it
     off = Config(stage2=replace(cfg.stage2, blobs=0))
     assert not Pipeline(detector, blind, off, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume).candidates
+
+
+def test_the_most_probable_cubes_are_scored_under_the_eight_flips():
+    from noduledet.inference import Detector
+    from noduledet.merge import Candidate
+    from noduledet.pipeline import Pipeline
+    from tests.test_pipeline import BrightBlobs
+
+    class LowXBrighter(NoduleClassifier3D):
+        def forward(self, x):  # by how much the cube's low-x half outshines its high-x half: a flip of x negates it
+            half = x.shape[-1] // 2
+            return 30 * (x[..., :half].mean(dim=(1, 2, 3, 4)) - x[..., half:].mean(dim=(1, 2, 3, 4)))
+
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (30, 30, 80))
+    hu = np.random.default_rng(0).normal(-500, 300, g.shape).astype(np.float32)
+    spots = [Candidate(np.array([15.0, 15.0, x]), g.voxel_to_world([15, 15, x]), 0.0, 5.0, 1, (15, 15), [])
+             for x in (10.0, 25.0, 40.0, 55.0, 70.0)]
+    detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
+    classifier = LowXBrighter(ClassifierSpec(size=8, width=4))
+
+    def scores(top: int) -> dict[float, float]:
+        cfg = Config(stage2=replace(Config().stage2, flips_top=top))
+        found = Pipeline(detector, EvalConfig(), cfg, classifier=classifier).rescore(hu, g, [], spots)
+        return {float(c.world_xyz[0]): c.probability for c in found}
+
+    once, flipped = scores(0), scores(2)
+    assert len(set(once.values())) == 5
+    top = sorted(once, key=lambda x: -once[x])[:2]
+    for x in once:  # half the flips turn x over: sigmoid(L) and sigmoid(-L) average to exactly 1/2
+        assert flipped[x] == pytest.approx(0.5 if x in top else once[x], abs=1e-6)

@@ -117,6 +117,7 @@ class Stage2Config:
     shift_mm: float = 2.5  # training patches move by up to this much in x, y and z ...
     scale: float = 0.15  # ... and zoom by up to this fraction, in or out
     combine: str = "mean"  # the final probability: stage2 | mean (of both stages) | product
+    flips_top: int = 32  # the classifier's most probable this many per scan get the mean over 8 flips of their cube; 0: none
 
 
 @dataclass
@@ -170,6 +171,8 @@ def _check_choices(cfg: Config, source: str) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
+    if cfg.stage2.flips_top < 0:
+        raise UserError(f"{source}: stage2.flips_top={cfg.stage2.flips_top}; it must be 0 (none) or more")
     if cfg.stage2.blobs < 0:
         raise UserError(f"{source}: stage2.blobs={cfg.stage2.blobs}; it must be 0 (none) or more")
     device = cfg.train.device

@@ -20,6 +20,7 @@ same ``LungMask.region``); ``run_volume`` starts from a whole scan.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,21 +166,32 @@ class Pipeline:
                 spots: list[Candidate] = ()) -> list[Candidate]:
         """Stage two: each candidate's probability combined with the classifier's for the cube
         around it (``stage2.combine``); the blob filter's ``spots``, which stage one never
-        proposed, keep the classifier's alone. Most probable first."""
+        proposed, keep the classifier's alone. The classifier's ``stage2.flips_top`` most probable
+        cubes are scored again under the 8 flips of their axes, and the mean taken (the flips
+        are among its training augmentations). Most probable first."""
         spec = self.classifier.spec
         everything = list(candidates) + list(spots)
         patches = extract_patches(hu, geometry, [c.world_xyz for c in everything], spec.size, spec.spacing_mm)
-        scores = []
-        for start in range(0, len(patches), 64):
-            x = self.classifier.window(torch.from_numpy(patches[start:start + 64]).to(self.detector.device))
-            scores.append(torch.sigmoid(self.classifier(x)).float().cpu())
-        p2 = torch.cat(scores).numpy()
+        p2 = self.classify(patches)
+        top = np.argsort(-p2, kind="stable")[: self.config.stage2.flips_top]
+        if len(top):
+            p2[top] = np.mean([self.classify(np.flip(patches[top], axes)) for axes in FLIPS], axis=0)
         p1 = np.array([c.probability for c in candidates])
         head = p2[: len(candidates)]
         p = {"stage2": head, "mean": (p1 + head) / 2, "product": p1 * head}[self.config.stage2.combine]
         out = [replace(c, probability=float(q), stage1=c.probability) for c, q in zip(candidates, p)]
         out += [replace(c, probability=float(q), stage1=0.0) for c, q in zip(spots, p2[len(candidates):])]
         return sorted(out, key=lambda c: -c.probability)
+
+    def classify(self, patches: np.ndarray) -> np.ndarray:
+        """The classifier's probabilities for (N, S, S, S) HU cubes, in batches of 64."""
+        scores = [torch.sigmoid(self.classifier(self.classifier.window(
+            torch.from_numpy(np.ascontiguousarray(patches[start:start + 64])).to(self.detector.device)))).float().cpu()
+            for start in range(0, len(patches), 64)]
+        return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+FLIPS = [axes for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]  # every set of a cube batch's z, y, x axes
 
 
 def candidates_table(results: dict[str, list[Candidate]]) -> Findings:
