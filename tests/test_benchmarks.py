@@ -91,3 +91,25 @@ def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
         z, y, x = np.rint(volume.geometry.world_to_voxel(xyz)).astype(int)
         assert 3 <= d <= 40 and volume.hu[z, y, x] > -500, (xyz, d, volume.hu[z, y, x])
     assert np.median(volume.hu[volume.hu.shape[0] // 2]) < 0  # mostly air and lung, not solid
+
+
+def test_candidate_pool_counts_by_hand():
+    from candidate_pool import pool_table
+
+    # (diameter, among stage one's candidates, rank of the first blob spot on it)
+    rows = [(4.0, False, 10), (5.0, True, None), (8.0, False, 120), (12.0, False, None)]
+    table = pool_table(rows, counts=(0, 50, 150))
+    assert [(r["held"], r["small_held"]) for r in table] == [(1, 1), (2, 2), (3, 2)]
+    assert {(r["nodules"], r["small"]) for r in table} == {(4, 2)}
+
+
+def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsys):
+    from candidate_pool import main
+
+    assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(phantom_cache), "--threads", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "/" in line]
+    held = [int(r[2].split("/")[0]) for r in rows]
+    assert [int(r[1]) for r in rows] == [0, 50, 100, 200, 300] and held == sorted(held)  # more spots, never fewer held
+    assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no prepared cache here" in err
