@@ -1,8 +1,8 @@
 """Which nodules reach stage two: stage one's candidates and the blob filter's spots, by count.
 
 Stage two can only rescore what it is shown. For every annotated nodule of a prepared cache this
-says whether one of stage one's ``--candidates`` most probable candidates lies on it (within its
-radius), and otherwise where the first of the blob filter's spots on it ranks; the table then
+says whether one of stage one's ``--candidates`` most probable candidates hits it (the FROC's
+test: within its radius), and otherwise where the first of the blob filter's spots on it ranks; the table then
 gives how many nodules the pool holds with 0, 50, 100, ... spots. When the pool holds most
 nodules and the CPM is still low, the ranking of stage two is what to improve, not the pool::
 
@@ -23,6 +23,7 @@ from noduledet.blobs import find_blobs
 from noduledet.data.cache import SliceCache
 from noduledet.errors import UserError
 from noduledet.fpr import scan_findings
+from noduledet.metrics.froc import hits
 from noduledet.pipeline import Pipeline
 
 SPOTS = (0, 50, 100, 200, 300)
@@ -39,10 +40,11 @@ def nodule_rows(pipeline: Pipeline, cache: SliceCache, uids: list[str], candidat
         found = stage1.run(hu, g, cache.region(uid)).candidates
         blobs = find_blobs(hu, g, spots, found)
         nodules, _ = scan_findings(cache, uid)
-        for xyz, d in zip(nodules.xyz, nodules.value):
-            def on(c) -> bool:
-                return bool(np.linalg.norm(c.world_xyz - xyz) < d / 2)
-            rows.append((float(d), any(on(c) for c in found), next((i for i, c in enumerate(blobs) if on(c)), None)))
+        in_stage1 = hits([c.world_xyz for c in found], nodules).any(axis=0)
+        on_blob = hits([c.world_xyz for c in blobs], nodules)  # (spots, nodules), strongest spot first
+        for j, d in enumerate(nodules.value):
+            ranks = np.nonzero(on_blob[:, j])[0]
+            rows.append((float(d), bool(in_stage1[j]), int(ranks[0]) if len(ranks) else None))
     return rows
 
 

@@ -171,10 +171,9 @@ def _check_choices(cfg: Config, source: str) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
-    if cfg.stage2.flips_top < 0:
-        raise UserError(f"{source}: stage2.flips_top={cfg.stage2.flips_top}; it must be 0 (none) or more")
-    if cfg.stage2.blobs < 0:
-        raise UserError(f"{source}: stage2.blobs={cfg.stage2.blobs}; it must be 0 (none) or more")
+    for name in ("blobs", "flips_top"):
+        if getattr(cfg.stage2, name) < 0:
+            raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

@@ -79,9 +79,10 @@ def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, 
     items = []
     for k, uid in enumerate(track(progress, uids)):
         nodules, excluded = scan_findings(cache, uid)
-        result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
+        hu, g = cache.volume(uid), cache.geometry(uid)
+        result = pipeline.run(hu, g, cache.region(uid))
         found = [c.world_xyz for c in result.candidates]
-        found += [c.world_xyz for c in find_blobs(cache.volume(uid), cache.geometry(uid), blobs, result.candidates)]
+        found += [c.world_xyz for c in find_blobs(hu, g, blobs, result.candidates)]
         points = found + list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
         for i, xyz in enumerate(points):
             on_nodule = bool(hits(xyz, nodules).any())
