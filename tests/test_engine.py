@@ -10,7 +10,7 @@ import torch
 
 from noduledet import engine
 from noduledet.cli import main
-from noduledet.config import load_config
+from noduledet.config import Stage2Config, load_config
 from noduledet.errors import UserError
 from noduledet.runfolder import RunFolder
 
@@ -178,13 +178,14 @@ def test_config_values_are_checked_when_loaded(override, message):
     assert message in str(err.value)
 
 
-def test_a_checkpoint_from_before_the_blob_filter_and_the_flips_goes_on_without_them(trained, tmp_path):
+def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes_on_without_them(trained, tmp_path):
     from noduledet import checkpoint
 
     stage2 = checkpoint.load(trained / "best.pt").config.stage2
-    assert (stage2.blobs, stage2.flips_top) == (50, 32)  # the defaults, stored
+    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (50, 32, Stage2Config.synthetic)  # the defaults, stored
     raw = torch.load(trained / "best.pt", weights_only=True)
-    del raw["config"]["stage2"]["blobs"], raw["config"]["stage2"]["flips_top"]
+    for key in ("blobs", "flips_top", "synthetic"):
+        del raw["config"]["stage2"][key]
     torch.save(raw, tmp_path / "old.pt")
     stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
-    assert (stage2.blobs, stage2.flips_top) == (0, 0)
+    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, 0.0)

@@ -114,6 +114,7 @@ class Stage2Config:
     samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement
     batch_size: int = 32
     lr: float = 0.002
+    synthetic: float = 0.25  # fraction of training cubes given a pasted synthetic nodule (positive) or vessel (negative)
     shift_mm: float = 2.5  # training patches move by up to this much in x, y and z ...
     scale: float = 0.15  # ... and zoom by up to this fraction, in or out
     combine: str = "mean"  # the final probability: stage2 | mean (of both stages) | product
@@ -174,6 +175,8 @@ def _check_choices(cfg: Config, source: str) -> None:
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
+    if not 0 <= cfg.stage2.synthetic <= 1:
+        raise UserError(f"{source}: stage2.synthetic={cfg.stage2.synthetic}; it must be a fraction from 0 (none) to 1")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

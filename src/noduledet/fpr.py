@@ -12,7 +12,10 @@
    than the classifier's, so that training can shift it);
 3. the 3D classifier trains on balanced batches (half nodules, half false positives) with flips
    on all three axes, quarter turns in the axial plane, shifts, zooms of up to 15% (nodule sizes
-   the training scans lack), HU gain and offset, and noise;
+   the training scans lack), HU gain and offset, and noise; a fraction of the cubes
+   (``stage2.synthetic``) get a synthetic nodule (then a nodule cube) or vessel (a false positive)
+   pasted in (``noduledet.data.lesions``): nodules and vessels of every size and kind, not only
+   the few dozen that the training scans hold;
 4. both stages run over the validation scans; the thresholds giving 1/2, 1, 2 and 4 false
    positives per scan there are the operating points.
 
@@ -37,6 +40,7 @@ from noduledet.blobs import find_blobs
 from noduledet.config import Config
 from noduledet.data.cache import SliceCache
 from noduledet.data.dataset import vessel_like
+from noduledet.data.lesions import paste_nodule, paste_vessel, pasteable
 from noduledet.data.luna16 import Findings
 from noduledet.data.patches import extract_patches
 from noduledet.metrics.froc import OPERATING_RATES, froc_curve, hits, scan_outcome, sensitivities_at, thresholds_at
@@ -136,27 +140,39 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     steps = s.epochs * math.ceil(s.samples_per_epoch / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.lr, total_steps=steps, pct_start=0.1)
     pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    hosts = neg[pasteable(cubes[neg], 10.0, s.spacing_mm)] if s.synthetic else neg[:0]
     shift = s.shift_mm / s.spacing_mm
+    half = s.samples_per_epoch // 2
     for epoch in range(s.epochs):
         rng = np.random.default_rng([cfg.train.seed, epoch, 2])
-        picks = np.concatenate([rng.choice(pos, s.samples_per_epoch // 2), rng.choice(neg, s.samples_per_epoch // 2)])
-        picks = picks[rng.permutation(len(picks))]
+        picks = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
+        pasted = np.zeros(len(picks), dtype=bool)  # a synthetic nodule or vessel goes into these
+        if len(hosts):
+            pasted[:] = rng.random(len(picks)) < s.synthetic
+            picks[pasted] = rng.choice(hosts, int(pasted.sum()))
+        target = np.repeat([1, 0], half)  # a pasted nodule makes a positive, a pasted vessel a negative
+        order = rng.permutation(len(picks))
+        picks, pasted, target = picks[order], pasted[order], target[order]
         model.train()
         total, t0 = 0.0, time.perf_counter()
         for start in range(0, len(picks), s.batch_size):
-            batch = picks[start:start + s.batch_size]
-            x = np.stack([augment_cube(cubes[i], s.size, rng, shift, s.scale) for i in batch])
+            batch = slice(start, start + s.batch_size)
+            x = np.stack([augment_cube(PASTE[y](cubes[i], s.spacing_mm, rng, shift) if p else cubes[i], s.size, rng,
+                                       shift, s.scale) for i, p, y in zip(picks[batch], pasted[batch], target[batch])])
             logits = model(model.window(torch.from_numpy(x).to(device)))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, torch.from_numpy(labels[batch]).float().to(device))
+                logits, torch.from_numpy(target[batch]).float().to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss.detach()) * len(batch)
+            total += float(loss.detach()) * len(x)
         if log:
             log(f"stage 2 epoch {epoch + 1}/{s.epochs}: loss {total / len(picks):.3f}, {time.perf_counter() - t0:.0f} s")
     return model.eval()
+
+
+PASTE = {1: paste_nodule, 0: paste_vessel}
 
 
 def calibrate(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict:

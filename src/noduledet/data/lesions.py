@@ -1,0 +1,119 @@
+"""Synthetic nodules pasted into the second stage's training cubes.
+
+A training set of a few dozen scans holds a few dozen nodules: the 3D classifier sees each of them
+hundreds of times and learns those nodules rather than what makes a nodule. ``paste_nodule`` draws
+a new one for every use — an ellipsoid of 3-20 mm at a random orientation with a lobulated outline,
+solid, part-solid or ground glass, with a partial-volume edge and the blur of a thick slice — and
+blends it into the cube of one of stage one's false positives near the centre: plain parenchyma, a
+vessel or a fissure becomes a nodule beside it. The nodules are deliberately generic (no outline
+from a phantom or from LIDC) so that what the classifier learns from them carries over to other
+data. ``pasteable`` keeps the cubes whose centre is mostly lung: a solid nodule drawn into the chest
+wall would be invisible and teach the classifier that soft tissue is a nodule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+DIAMETERS_MM = (3.0, 20.0)  # log-uniform between: as many 3-6 mm nodules as 6-12 mm ones
+KINDS = {"solid": 0.7, "part-solid": 0.15, "ground-glass": 0.15}
+VESSEL_RADII_MM = (1.0, 6.0)  # log-uniform: from the thinnest a candidate sits on to the hilar trunks
+LUNG_HU = -500.0  # a cube is pasteable when at least half its centre is below this
+
+
+def pasteable(cubes: np.ndarray, centre_mm: float, spacing_mm: float) -> np.ndarray:
+    """(N,) bool: the cubes (N, S, S, S) of HU whose central ``centre_mm`` cube is at least half lung."""
+    s = cubes.shape[1]
+    half = max(1, int(round(centre_mm / spacing_mm / 2)))
+    core = cubes[:, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half]
+    return (core < LUNG_HU).reshape(len(cubes), -1).mean(axis=1) >= 0.5
+
+
+def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | None = None,
+           kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A random nodule on an isotropic grid: (occupancy in [0, 1], HU), both (B, B, B) with the
+    nodule's centre at the middle voxel. Diameter and kind are drawn unless given."""
+    if diameter_mm is None:
+        diameter_mm = float(np.exp(rng.uniform(*np.log(DIAMETERS_MM))))
+    if kind is None:
+        kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
+    radius = diameter_mm / 2 / spacing_mm  # voxels
+    half = int(np.ceil(1.5 * radius)) + 2
+    r = np.arange(-half, half + 1, dtype=np.float32)
+    p = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    axes = rng.uniform(0.75, 1.25, 3)
+    dist = np.linalg.norm((p @ q) / (axes / np.cbrt(axes.prod())), axis=-1)  # radius x this is 1 on the surface
+    unit = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-6)
+    bumps = 1.0  # lobulation: bumps along random directions
+    for _ in range(3):
+        angle = np.arccos(np.clip(unit @ _direction(rng), -1, 1))
+        bumps = bumps + rng.uniform(0, 0.12) * np.cos(rng.integers(2, 5) * angle + rng.uniform(0, 2 * np.pi))
+    dist = dist / bumps
+
+    def occupancy(scale: float) -> np.ndarray:  # a one-voxel partial-volume edge
+        return np.clip(0.5 + scale * radius - dist, 0, 1).astype(np.float32)
+
+    occ = occupancy(1.0)  # then the size that gives the diameter's volume (LUNA16's definition)
+    occ = occupancy(float(np.cbrt(np.pi / 6 * (2 * radius) ** 3 / max(occ.sum(), 1e-3))))
+    occ = ndimage.gaussian_filter(occ, (rng.uniform(0, 0.8), *([rng.uniform(0, 0.4)] * 2)))  # slice thickness, scanner
+    hu = np.full(occ.shape, rng.uniform(-80, 80) if kind == "solid" else rng.uniform(-700, -350), dtype=np.float32)
+    if kind == "part-solid":
+        hu[dist < rng.uniform(0.3, 0.6) * radius] = rng.uniform(-60, 60)
+    hu += ndimage.gaussian_filter(rng.normal(0, rng.uniform(0, 40), hu.shape), 1.0).astype(np.float32)
+    return occ, hu
+
+
+def paste_nodule(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
+    """``cube`` (S, S, S) of HU with a random ``nodule`` blended in, its centre up to ``offset``
+    voxels from the cube's centre on each axis. Where the background is brighter than the nodule
+    (a vessel through a ground-glass nodule) the background stays."""
+    occ, hu = nodule(spacing_mm, rng)
+    centre = np.rint((np.array(cube.shape) - 1) / 2 + rng.uniform(-offset, offset, 3)).astype(int)
+    half = occ.shape[0] // 2
+    out = cube.astype(np.float32)
+    dst, src = [], []
+    for c, n in zip(centre, cube.shape):
+        lo, hi = max(0, c - half), min(n, c + half + 1)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - (c - half), hi - (c - half)))
+    bg, o = out[tuple(dst)], occ[tuple(src)]
+    out[tuple(dst)] = np.maximum(bg, bg * (1 - o) + hu[tuple(src)] * o)
+    return out
+
+
+def paste_vessel(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
+    """``cube`` (S, S, S) of HU with a random vessel blended in through a point up to ``offset``
+    voxels from its centre: a tube of 1-6 mm radius across the whole cube, tapering, and on half of
+    them a thinner branch leaving it near that point. The confounder that a nodule is told from."""
+    s = cube.shape[0]
+    r = np.arange(s, dtype=np.float32)
+    p = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1) - ((s - 1) / 2 + rng.uniform(-offset, offset, 3))
+    radius = float(np.exp(rng.uniform(*np.log(VESSEL_RADII_MM)))) / spacing_mm
+    along = _direction(rng)
+    occ = _tube(p, along, radius, rng.uniform(-0.3, 0.3) / s)
+    if rng.random() < 0.5:
+        fork = along * rng.uniform(-radius, radius)
+        branch = _tube(p - fork, _direction(rng), radius * rng.uniform(0.5, 0.9), 0.0, one_way=True)
+        occ = np.maximum(occ, branch)
+    occ = ndimage.gaussian_filter(occ, (rng.uniform(0, 0.8), *([rng.uniform(0, 0.4)] * 2)))
+    hu = rng.uniform(20, 80) + ndimage.gaussian_filter(rng.normal(0, rng.uniform(0, 40), occ.shape), 1.0)
+    out = cube.astype(np.float32)
+    return np.maximum(out, out * (1 - occ) + hu.astype(np.float32) * occ)
+
+
+def _tube(p: np.ndarray, along: np.ndarray, radius: float, taper: float, one_way: bool = False) -> np.ndarray:
+    """Occupancy of a tube through the origin of ``p`` (..., 3) along ``along``, its radius growing
+    by ``taper`` of itself per voxel; ``one_way``: only on the side ``along`` points to."""
+    t = p @ along
+    dist = np.linalg.norm(p - t[..., None] * along, axis=-1)
+    occ = np.clip(0.5 + radius * (1 + taper * t) - dist, 0, 1)
+    if one_way:
+        occ = occ * np.clip(t + 0.5, 0, 1)
+    return occ.astype(np.float32)
+
+
+def _direction(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    return (v / np.linalg.norm(v)).astype(np.float32)
