@@ -44,7 +44,7 @@ def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | Non
     p = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     axes = rng.uniform(0.75, 1.25, 3)
-    dist = np.linalg.norm((p @ q) / (axes / np.cbrt(axes.prod())), axis=-1)  # radius x this is 1 on the surface
+    dist = np.linalg.norm((p @ q) / (axes / np.cbrt(axes.prod())), axis=-1)  # voxels; ``radius`` on the surface
     unit = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-6)
     bumps = 1.0  # lobulation: bumps along random directions
     for _ in range(3):
