@@ -57,11 +57,11 @@ def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | Non
 
     occ = occupancy(1.0)  # then the size that gives the diameter's volume (LUNA16's definition)
     occ = occupancy(float(np.cbrt(np.pi / 6 * (2 * radius) ** 3 / max(occ.sum(), 1e-3))))
-    occ = ndimage.gaussian_filter(occ, (rng.uniform(0, 0.8), *([rng.uniform(0, 0.4)] * 2)))  # slice thickness, scanner
+    occ = _blur(occ, rng)
     hu = np.full(occ.shape, rng.uniform(-80, 80) if kind == "solid" else rng.uniform(-700, -350), dtype=np.float32)
     if kind == "part-solid":
         hu[dist < rng.uniform(0.3, 0.6) * radius] = rng.uniform(-60, 60)
-    hu += ndimage.gaussian_filter(rng.normal(0, rng.uniform(0, 40), hu.shape), 1.0).astype(np.float32)
+    hu += _texture(hu.shape, rng).astype(np.float32)
     return occ, hu
 
 
@@ -78,8 +78,7 @@ def paste_nodule(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, 
         lo, hi = max(0, c - half), min(n, c + half + 1)
         dst.append(slice(lo, hi))
         src.append(slice(lo - (c - half), hi - (c - half)))
-    bg, o = out[tuple(dst)], occ[tuple(src)]
-    out[tuple(dst)] = np.maximum(bg, bg * (1 - o) + hu[tuple(src)] * o)
+    out[tuple(dst)] = _blend(out[tuple(dst)], occ[tuple(src)], hu[tuple(src)])
     return out
 
 
@@ -97,10 +96,23 @@ def paste_vessel(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, 
         fork = along * rng.uniform(-radius, radius)
         branch = _tube(p - fork, _direction(rng), radius * rng.uniform(0.5, 0.9), 0.0, one_way=True)
         occ = np.maximum(occ, branch)
-    occ = ndimage.gaussian_filter(occ, (rng.uniform(0, 0.8), *([rng.uniform(0, 0.4)] * 2)))
-    hu = rng.uniform(20, 80) + ndimage.gaussian_filter(rng.normal(0, rng.uniform(0, 40), occ.shape), 1.0)
-    out = cube.astype(np.float32)
-    return np.maximum(out, out * (1 - occ) + hu.astype(np.float32) * occ)
+    occ = _blur(occ, rng)
+    return _blend(cube.astype(np.float32), occ, (rng.uniform(20, 80) + _texture(occ.shape, rng)).astype(np.float32))
+
+
+def _blur(occ: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random thick slice's blur along z and a scanner's in-plane blur."""
+    return ndimage.gaussian_filter(occ, (rng.uniform(0, 0.8), *([rng.uniform(0, 0.4)] * 2)))
+
+
+def _texture(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Smooth HU noise of a random amplitude (up to 40 HU before smoothing)."""
+    return ndimage.gaussian_filter(rng.normal(0, rng.uniform(0, 40), shape), 1.0)
+
+
+def _blend(background: np.ndarray, occ: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """``hu`` blended into ``background`` by ``occ``; where the background is brighter, it stays."""
+    return np.maximum(background, background * (1 - occ) + hu * occ)
 
 
 def _tube(p: np.ndarray, along: np.ndarray, radius: float, taper: float, one_way: bool = False) -> np.ndarray:
