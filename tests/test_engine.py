@@ -140,7 +140,8 @@ def test_froc_cli_by_hand(tmp_path, capsys):
 def test_distributed_training_with_two_cpu_processes(phantom_root, phantom_cache, tmp_path, trained):
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(f"data: {{root: {phantom_root}, cache: {phantom_cache}, patch: 64, val_fraction: 0.25}}\n"
-                   f"train: {{out: {tmp_path / 'run'}, epochs: 1, batch_size: 2, warmup_iters: 2, threads: 1}}\n")
+                   f"train: {{out: {tmp_path / 'run'}, epochs: 1, batch_size: 2, warmup_iters: 2, threads: 1}}\n"
+                   "stage2: {epochs: 1, samples_per_epoch: 256}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", "-m", "noduledet.cli", "train", str(cfg)],

@@ -110,7 +110,7 @@ class Stage2Config:
     size: int = 24  # patch edge in voxels ...
     spacing_mm: float = 1.25  # ... of this size (a 30 mm cube)
     width: int = 16  # channels of the classifier's first layer
-    epochs: int = 8
+    epochs: int = 16  # 8 stopped with the loss still falling (docs/results.md)
     samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement
     batch_size: int = 32
     lr: float = 0.002
