@@ -347,7 +347,7 @@ def _add_gather(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="phantom -> train -> evaluate -> predict -> an HTML report (12-16 min on a 2-core CPU)")
+    p = sub.add_parser("demo", help="phantom -> train -> evaluate -> predict -> an HTML report (13-17 min on a 2-core CPU)")
     p.add_argument("-o", "--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scans", type=int, default=40, help="phantom scans (default 40)")
