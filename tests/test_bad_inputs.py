@@ -698,6 +698,12 @@ def config_negative_flips(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
+@_case(CONFIGS, r"stage2\.epochs=0; it must be at least 1")
+def config_no_stage2_epochs(d):
+    (d / "c.yaml").write_text("stage2:\n  epochs: 0\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
 @_case(CONFIGS, r"stage2\.synthetic=1\.5; it must be a fraction from 0 \(none\) to 1")
 def config_synthetic_over_one(d):
     (d / "c.yaml").write_text("stage2:\n  synthetic: 1.5\n")

@@ -168,7 +168,8 @@ def _check_choices(cfg: Config, source: str) -> None:
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
     check_eval(cfg.eval, source)
-    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "stage2.candidates", "data.patch"):
+    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "stage2.candidates",
+                "stage2.epochs", "stage2.samples_per_epoch", "data.patch"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
