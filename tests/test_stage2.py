@@ -125,9 +125,13 @@ def test_pipeline_rescores_with_the_second_stage():
     assert len(both.candidates) == len(one.candidates) == 1
     assert both.stage1[0].probability == pytest.approx(0.9) and one.stage1 == one.candidates
     c = both.candidates[0]
-    assert c.probability == pytest.approx((0.9 + 1 / (1 + np.e)) / 2) and c.stage1 == pytest.approx(0.9)  # mean
+    assert c.probability == pytest.approx(1 / (1 + np.e)) and c.stage1 == pytest.approx(0.9)  # the default: stage two's
     assert np.linalg.norm(c.world_xyz - world) < 0.8 and "stage2_s" in both.timings
     assert c.to_dict()["stage1_probability"] == pytest.approx(0.9)
+    for combine, expected in (("mean", (0.9 + 1 / (1 + np.e)) / 2), ("product", 0.9 / (1 + np.e))):
+        chosen = Config(stage2=replace(cfg.stage2, combine=combine))
+        found = Pipeline(detector, EvalConfig(), chosen, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+        assert found.candidates[0].probability == pytest.approx(expected), combine
     # stage one blind (nothing reaches min_score): the blob filter still puts the nodule before stage two
     blind = EvalConfig(min_score=0.95)
     assert not Pipeline(detector, blind, cfg).run_volume(volume).candidates

@@ -117,7 +117,7 @@ class Stage2Config:
     synthetic: float = 0.25  # fraction of training cubes given a pasted synthetic nodule (positive) or vessel (negative)
     shift_mm: float = 2.5  # training patches move by up to this much in x, y and z ...
     scale: float = 0.15  # ... and zoom by up to this fraction, in or out
-    combine: str = "mean"  # the final probability: stage2 | mean (of both stages) | product
+    combine: str = "stage2"  # the final probability: stage2 (the classifier's alone) | mean (of both stages) | product
     flips_top: int = 32  # the classifier's most probable this many per scan get the mean over 8 flips of their cube; 0: none
 
 
