@@ -118,10 +118,11 @@ def test_pipeline_rescores_with_the_second_stage():
         def forward(self, x):
             return torch.full((len(x),), -1.0)  # sigmoid 0.269
 
+    constant = Constant(ClassifierSpec(size=8, width=4))
     cfg = Config()
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
     one = Pipeline(detector, EvalConfig(), cfg).run_volume(volume)
-    both = Pipeline(detector, EvalConfig(), cfg, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+    both = Pipeline(detector, EvalConfig(), cfg, classifier=constant).run_volume(volume)
     assert len(both.candidates) == len(one.candidates) == 1
     assert both.stage1[0].probability == pytest.approx(0.9) and one.stage1 == one.candidates
     c = both.candidates[0]
@@ -130,18 +131,18 @@ def test_pipeline_rescores_with_the_second_stage():
     assert c.to_dict()["stage1_probability"] == pytest.approx(0.9)
     for combine, expected in (("mean", (0.9 + 1 / (1 + np.e)) / 2), ("product", 0.9 / (1 + np.e))):
         chosen = Config(stage2=replace(cfg.stage2, combine=combine))
-        found = Pipeline(detector, EvalConfig(), chosen, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+        found = Pipeline(detector, EvalConfig(), chosen, classifier=constant).run_volume(volume)
         assert found.candidates[0].probability == pytest.approx(expected), combine
     # stage one blind (nothing reaches min_score): the blob filter still puts the nodule before stage two
     blind = EvalConfig(min_score=0.95)
     assert not Pipeline(detector, blind, cfg).run_volume(volume).candidates
-    found = Pipeline(detector, blind, cfg, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume)
+    found = Pipeline(detector, blind, cfg, classifier=constant).run_volume(volume)
     assert len(found.candidates) == 1 and not found.stage1 and "blobs_s" in found.timings
     c = found.candidates[0]
     assert np.linalg.norm(c.world_xyz - world) < 1.0 and c.stage1 == 0.0
     assert c.probability == pytest.approx(1 / (1 + np.e))  # the classifier's alone: stage one never proposed it
     off = Config(stage2=replace(cfg.stage2, blobs=0))
-    assert not Pipeline(detector, blind, off, classifier=Constant(ClassifierSpec(size=8, width=4))).run_volume(volume).candidates
+    assert not Pipeline(detector, blind, off, classifier=constant).run_volume(volume).candidates
 
 
 def test_the_most_probable_cubes_are_scored_under_the_eight_flips():
