@@ -8,7 +8,11 @@ any scan:
 1. the scan region is resampled to ``grid_mm`` isotropic voxels, HU clipped to [-1000, 150]
    (bone and contrast count as soft tissue, so they do not outshine nodules);
 2. a difference of Gaussians over ``SIGMAS_MM`` (radius about sigma times sqrt(3), so 1.7-14 mm)
-   finds bright spots at every scale: the local maxima of each scale's response;
+   finds bright spots at every scale: the local maxima of each scale's response, each placed
+   between grid points by the parabola through it and its neighbours on each axis (a 3 mm
+   nodule is hit only within 1.5 mm of its centre, and a grid point can be 0.9 mm off it), then
+   mapped back to the scan's voxels the way ``ndimage.zoom`` sampled them (its first and last
+   samples on the first and last voxels);
 3. at each maximum, the Hessian of that scale tells a blob (three strongly negative eigenvalues)
    from a vessel (one eigenvalue near zero, along the vessel) or a wall (two near zero); the
    score is the scale-normalised eigenvalue closest to zero, the "dot" measure of Li et al.,
@@ -56,11 +60,29 @@ def _hessian_dot(smooth: np.ndarray, points: np.ndarray, sigma: float) -> np.nda
     return np.maximum(0.0, -closest_to_zero) * sigma ** 2
 
 
+def _peak_offsets(response: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Sub-voxel position of each local maximum (K, 3) of ``response``: per axis, the top of the
+    parabola through the maximum and its two neighbours (within half a voxel)."""
+    z, y, x = points.T
+    out = np.zeros(points.shape)
+    for axis in range(3):
+        step = np.zeros(3, dtype=int)
+        step[axis] = 1
+        before = response[z - step[0], y - step[1], x - step[2]].astype(np.float64)
+        after = response[z + step[0], y + step[1], x + step[2]].astype(np.float64)
+        curvature = before - 2 * response[z, y, x] + after
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, axis] = np.where(curvature < 0, 0.5 * (before - after) / curvature, 0.0)
+    return np.clip(out, -0.5, 0.5)
+
+
 def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blob centres of a volume as continuous voxel indices of ``hu`` (K, 3), their scores and
     radii in mm, strongest first (steps 1-3 of the module docstring; no lung mask, no merging)."""
     factor = np.asarray(spacing_zyx, dtype=float) / grid_mm
     grid = ndimage.zoom(np.clip(np.asarray(hu, dtype=np.float32), -1000, 150), factor, order=1, prefilter=False)
+    # zoom puts the first and last samples of each axis on the first and last voxels
+    to_voxel = (np.array(np.shape(hu)) - 1) / np.maximum(np.array(grid.shape) - 1, 1)
     ratio = SIGMAS_MM[1] / SIGMAS_MM[0]
     points, scores, radii = [], [], []
     finer = ndimage.gaussian_filter(grid, SIGMAS_MM[0] / grid_mm, mode="nearest", truncate=3.0)
@@ -71,7 +93,7 @@ def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.n
         peaks[[0, -1]] = peaks[:, [0, -1]] = peaks[:, :, [0, -1]] = False  # room for the differences
         at = np.argwhere(peaks)
         if len(at):
-            points.append(at)
+            points.append(at + _peak_offsets(response, at))
             scores.append(_hessian_dot(finer, at, sigma / grid_mm))
             radii.append(np.full(len(at), sigma * np.sqrt(3)))
         finer = coarser
@@ -80,7 +102,7 @@ def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.n
     at, score, radius = np.concatenate(points), np.concatenate(scores), np.concatenate(radii)
     keep = score > 0
     order = np.argsort(-score[keep], kind="stable")
-    return (at[keep][order] / factor), score[keep][order], radius[keep][order]
+    return at[keep][order] * to_voxel, score[keep][order], radius[keep][order]
 
 
 def suppress(world: np.ndarray, radius: np.ndarray, count: int, taken: np.ndarray | None = None,
