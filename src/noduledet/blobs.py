@@ -63,14 +63,12 @@ def _hessian_dot(smooth: np.ndarray, points: np.ndarray, sigma: float) -> np.nda
 def _peak_offsets(response: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Sub-voxel position of each local maximum (K, 3) of ``response``: per axis, the top of the
     parabola through the maximum and its two neighbours (within half a voxel)."""
-    z, y, x = points.T
+    centre = response[tuple(points.T)].astype(np.float64)
     out = np.zeros(points.shape)
-    for axis in range(3):
-        step = np.zeros(3, dtype=int)
-        step[axis] = 1
-        before = response[z - step[0], y - step[1], x - step[2]].astype(np.float64)
-        after = response[z + step[0], y + step[1], x + step[2]].astype(np.float64)
-        curvature = before - 2 * response[z, y, x] + after
+    for axis, step in enumerate(np.eye(3, dtype=int)):
+        before = response[tuple((points - step).T)].astype(np.float64)
+        after = response[tuple((points + step).T)].astype(np.float64)
+        curvature = before - 2 * centre + after
         with np.errstate(divide="ignore", invalid="ignore"):
             out[:, axis] = np.where(curvature < 0, 0.5 * (before - after) / curvature, 0.0)
     return np.clip(out, -0.5, 0.5)
