@@ -704,12 +704,6 @@ def config_no_stage2_epochs(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
-@_case(CONFIGS, r"data\.augment\.synthetic=-0\.1; it must be a fraction from 0 \(none\) to 1")
-def config_augment_synthetic_negative(d):
-    (d / "c.yaml").write_text("data:\n  augment:\n    synthetic: -0.1\n")
-    return [d / "c.yaml"], d / "c.yaml"
-
-
 @_case(CONFIGS, r"stage2\.synthetic=1\.5; it must be a fraction from 0 \(none\) to 1")
 def config_synthetic_over_one(d):
     (d / "c.yaml").write_text("stage2:\n  synthetic: 1.5\n")

@@ -10,7 +10,7 @@ import torch
 
 from noduledet import engine
 from noduledet.cli import main
-from noduledet.config import AugmentConfig, Stage2Config, load_config
+from noduledet.config import Stage2Config, load_config
 from noduledet.errors import UserError
 from noduledet.runfolder import RunFolder
 
@@ -190,13 +190,3 @@ def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes
     torch.save(raw, tmp_path / "old.pt")
     stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
     assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, 0.0)
-
-
-def test_a_checkpoint_from_before_stage_ones_synthetic_nodules_resumes_without_them(trained, tmp_path):
-    from noduledet import checkpoint
-
-    assert checkpoint.load(trained / "best.pt").config.data.augment.synthetic == AugmentConfig.synthetic
-    raw = torch.load(trained / "best.pt", weights_only=True)
-    del raw["config"]["data"]["augment"]["synthetic"]
-    torch.save(raw, tmp_path / "old.pt")
-    assert checkpoint.load(tmp_path / "old.pt").config.data.augment.synthetic == 0.0

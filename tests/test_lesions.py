@@ -1,4 +1,4 @@
-"""Synthetic nodules for both stages' training (noduledet.data.lesions)."""
+"""Synthetic nodules for the second stage's training (noduledet.data.lesions)."""
 
 from dataclasses import replace
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from noduledet.config import Config
-from noduledet.data.lesions import nodule, paste_nodule, paste_nodule_planes, paste_vessel, pasteable
+from noduledet.data.lesions import nodule, paste_nodule, paste_vessel, pasteable
 from noduledet.fpr import fit
 
 
@@ -80,54 +80,3 @@ def test_the_classifier_learns_nodules_from_vessels_on_pasted_ones_alone():
     with torch.no_grad():
         p = torch.sigmoid(model(model.window(torch.from_numpy(pasted)))).numpy()
     assert p[:20].mean() > p[20:].mean() + 0.4
-
-
-def _half_lung(h=80, w=80):
-    """2.5D planes (3, h, w): lung on the left, chest wall from column 50."""
-    planes = np.full((3, h, w), -850.0, dtype=np.float32)
-    planes[:, :, 50:] = 40.0
-    return planes
-
-
-@pytest.mark.parametrize("spacing", [0.5, 0.9])
-def test_a_nodule_pasted_into_planes_gets_the_box_of_its_section(spacing):
-    rng = np.random.default_rng(6)
-    planes = _half_lung()
-    for _ in range(20):
-        out, box, outline = paste_nodule_planes(planes, (spacing, spacing), (-5.0, 0.0, 5.0), rng)
-        assert out.shape == planes.shape and (out >= planes).all()  # blended in, never darker
-        x1, y1, x2, y2 = box
-        ys, xs = np.nonzero(outline)
-        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x1, y1, x2, y2)
-        inside = np.zeros(outline.shape, dtype=bool)
-        inside[int(y1):int(y2), int(x1):int(x2)] = True
-        changed = np.abs(out[1] - planes[1]) > 100  # where the centre plane now shows the nodule
-        assert changed[inside].sum() >= 0.5 * changed.sum() and (x2 - x1) * spacing <= 20 * 1.6
-        assert x1 < 50 + (x2 - x1)  # centred on lung, so not deep in the wall
-
-
-def test_planes_take_no_nodule_without_lung_room_and_keep_clear_of_real_ones():
-    rng = np.random.default_rng(7)
-    wall = np.full((3, 60, 60), 40.0, dtype=np.float32)
-    assert paste_nodule_planes(wall, (0.7, 0.7), (-5.0, 0.0, 5.0), rng) is None
-    planes = _half_lung()
-    assert paste_nodule_planes(planes, (0.7, 0.7), (-5.0, 0.0, 5.0), rng, allowed=np.zeros((80, 80), bool)) is None
-    allowed = np.zeros((80, 80), dtype=bool)
-    allowed[:, :25] = True  # the lungs' own mask: only the left half of the lung
-    for _ in range(10):
-        _, box, _ = paste_nodule_planes(planes, (0.7, 0.7), (-5.0, 0.0, 5.0), rng, taken=[[0, 0, 25, 40]],
-                                        allowed=allowed)
-        centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        assert centre_x < 25 + 2 and centre_y > 40  # inside the allowed pixels, beside the real nodule's box
-
-
-def test_half_the_pasted_nodules_lie_on_the_lung_edge():
-    rng = np.random.default_rng(8)
-    planes = np.full((3, 200, 200), 40.0, dtype=np.float32)
-    planes[:, 20:180, 20:180] = -850.0  # a lung 112 mm wide at 0.7 mm
-    centres = []
-    for _ in range(60):
-        _, box, _ = paste_nodule_planes(planes, (0.7, 0.7), (-5.0, 0.0, 5.0), rng)
-        centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0]))
-    near = [min(x - 20, 180 - x, y - 20, 180 - y) <= w for x, y, w in centres]  # within a diameter of the wall
-    assert 0.35 <= np.mean(near) <= 0.85  # by area alone a fifth at most

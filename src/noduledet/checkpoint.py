@@ -106,9 +106,6 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
     if isinstance(stage2, dict):  # trained before the blob filter, the flips or the synthetic cubes:
         # it goes on without them, its operating points calibrated as it scores
         raw["config"]["stage2"] = {"blobs": 0, "flips_top": 0, "synthetic": 0.0, **stage2}
-    augment = raw["config"].get("data", {}).get("augment") if isinstance(raw["config"], dict) else None
-    if isinstance(augment, dict):  # trained before stage one's synthetic nodules: resumes without them
-        augment.setdefault("synthetic", 0.0)
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
                       list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)

@@ -36,7 +36,6 @@ class AugmentConfig:
     noise_hu: float = 25.0  # Gaussian noise, sigma uniform in 0..noise_hu HU, on half the items: dose
     blur_px: float = 1.0  # Gaussian blur, sigma uniform in 0..blur_px pixels, on half the items: kernels
     rot90: bool = True  # quarter turns besides the flips
-    synthetic: float = 0.3  # fraction of training items given a pasted synthetic nodule (noduledet.data.lesions)
 
 
 @dataclass
@@ -177,9 +176,8 @@ def _check_choices(cfg: Config, source: str) -> None:
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
-    for key, value in (("stage2.synthetic", cfg.stage2.synthetic), ("data.augment.synthetic", cfg.data.augment.synthetic)):
-        if not 0 <= value <= 1:
-            raise UserError(f"{source}: {key}={value}; it must be a fraction from 0 (none) to 1")
+    if not 0 <= cfg.stage2.synthetic <= 1:
+        raise UserError(f"{source}: stage2.synthetic={cfg.stage2.synthetic}; it must be a fraction from 0 (none) to 1")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

@@ -11,10 +11,7 @@ pipeline gives the detector at inference.
 Training augmentation (``AugmentConfig``) copies what differs between scanners and patients: the
 patch's scale (a nodule of another size, another pixel spacing), a shift and gain of the HU
 scale (calibration, kernels), noise and blur (dose, reconstruction), and flips and quarter
-turns (positions in the lung). Boxes and masks follow every geometric change exactly. A fraction
-of the items (``synthetic``) also get a synthetic nodule pasted into a lung pixel
-(``lesions.paste_nodule_planes``), with its box: solid, part-solid and ground-glass nodules of
-3-20 mm, on the pleura and off it, which the training scans may hold too few of.
+turns (positions in the lung). Boxes and masks follow every geometric change exactly.
 
 Each item is ``(image, target, info)``: image (C, H, W) float32 in [0, 1]; target with
 ``boxes`` (N, 4) x1,y1,x2,y2 pixels, ``labels`` (N,) int64 and, with ``masks``, ``masks``
@@ -35,9 +32,6 @@ from torch.utils.data import Dataset
 from noduledet.boxes import scale_boxes
 from noduledet.config import AugmentConfig
 from noduledet.data.cache import SliceCache
-from noduledet.data.ct import CTVolume
-from noduledet.data.lesions import paste_nodule_planes
-from noduledet.data.lung import LungMask, segment_lungs
 from noduledet.data.slices import (OFFSETS_MM, WINDOW_HU, resample, resample_masks, sample_planes, slice_targets,
                                    window, working_shape)
 
@@ -123,7 +117,6 @@ class SliceDataset(Dataset):
                        [(u, z) for u in self.uids for z in cache.region(u).lung_slices])[::slice_stride]
         self.n_negatives = int(round(negatives * len(self.positives))) if self.negative_pool else 0
         self._volumes: dict[str, np.ndarray] = {}
-        self._lungs: dict[str, LungMask] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Choose this epoch's negatives and augmentations (call before building the loader)."""
@@ -163,11 +156,9 @@ class SliceDataset(Dataset):
             out_hw = working_shape(size, g.spacing, self.pixel_mm)
         rows, cols = slice(y0, y0 + size[0]), slice(x0, x0 + size[1])
         planes = self._planes(vol, z, g, rows, cols)
-        target = slice_targets(self._nodules[uid], z, g.spacing, rows, cols, self.masks, self.min_section)
         if self.augment:
-            if self.augment.synthetic and rng.random() < self.augment.synthetic:
-                planes, target = self._paste(uid, z, rows, cols, planes, target, rng)
             planes = vary_intensity(planes, self.augment, rng)
+        target = slice_targets(self._nodules[uid], z, g.spacing, rows, cols, self.masks, self.min_section)
         image = resample(window(planes, *self.window_hu), out_hw)
         boxes = torch.from_numpy(scale_boxes(target["boxes"], out_hw[1] / size[1], out_hw[0] / size[0]))
         out = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
@@ -176,35 +167,6 @@ class SliceDataset(Dataset):
         if self.augment:
             image, out = flip_and_turn(image, out, rng, self.augment.rot90)
         return image, out, {"uid": uid, "z": z, "origin_yx": (y0, x0)}
-
-    def _in_lungs(self, uid: str, z: int, rows: slice, cols: slice) -> np.ndarray:
-        """(H, W) bool: the pixels of slice ``z``'s rows x cols inside the scan's coarse lung mask."""
-        if uid not in self._lungs:
-            self._lungs[uid] = segment_lungs(CTVolume(self.volume(uid), self._geometry[uid]))
-        lungs = self._lungs[uid]
-        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
-        ys, xs = np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop)
-        iy = (ys >= 0) & (ys < lungs.shape[1])
-        ix = (xs >= 0) & (xs < lungs.shape[2])
-        plane = lungs.coarse[min(z // lungs.block[0], len(lungs.coarse) - 1)]
-        cy = np.minimum(ys[iy] // lungs.block[1], plane.shape[0] - 1)
-        cx = np.minimum(xs[ix] // lungs.block[2], plane.shape[1] - 1)
-        out[np.ix_(iy, ix)] = plane[np.ix_(cy, cx)]
-        return out
-
-    def _paste(self, uid: str, z: int, rows: slice, cols: slice, planes: np.ndarray, target: dict,
-               rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        """A synthetic nodule (``lesions.paste_nodule_planes``) in the planes, its box (and outline)
-        added to the target; as they were where no lung pixel has room for one."""
-        pasted = paste_nodule_planes(planes, self._geometry[uid].spacing[:2], self.offsets_mm, rng, self.min_section,
-                                     taken=target["boxes"], allowed=self._in_lungs(uid, z, rows, cols))
-        if pasted is None:
-            return planes, target
-        planes, box, outline = pasted
-        out = {"boxes": np.vstack([target["boxes"].reshape(-1, 4), [box]]).astype(target["boxes"].dtype)}
-        if "masks" in target:
-            out["masks"] = np.concatenate([target["masks"], outline[None]])
-        return planes, out
 
     def _native_patch(self, spacing_xyz, rng: np.random.Generator) -> tuple[int, int]:
         """(rows, cols) of the scan's own pixels a training patch covers: ``patch`` working pixels,

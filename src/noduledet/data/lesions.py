@@ -1,20 +1,14 @@
-"""Synthetic nodules pasted into both stages' training samples.
+"""Synthetic nodules pasted into the second stage's training cubes.
 
-A training set of a few dozen scans holds a few dozen nodules: a model sees each of them hundreds
-of times and learns those nodules rather than what makes a nodule. ``nodule`` draws a new one for
-every use — an ellipsoid of 3-20 mm at a random orientation with a lobulated outline, solid,
-part-solid or ground glass, with a partial-volume edge and the blur of a thick slice. The nodules
-are deliberately generic (no outline from a phantom or from LIDC) so that what a model learns from
-them carries over to other data.
-
-- ``paste_nodule`` blends one into the second stage's cube of one of stage one's false positives,
-  near the centre: plain parenchyma, a vessel or a fissure becomes a nodule beside it;
-  ``pasteable`` keeps the cubes whose centre is mostly lung (a solid nodule drawn into the chest
-  wall would be invisible and teach the classifier that soft tissue is a nodule); ``paste_vessel``
-  adds the confounder instead.
-- ``paste_nodule_planes`` blends one into stage one's 2.5D training planes at a lung pixel (half
-  of the time one at the lung's edge, so that nodules on the pleura are drawn too) and returns its
-  box and outline on the centre plane, the kinds and sizes the training scans lack.
+A training set of a few dozen scans holds a few dozen nodules: the 3D classifier sees each of them
+hundreds of times and learns those nodules rather than what makes a nodule. ``paste_nodule`` draws
+a new one for every use — an ellipsoid of 3-20 mm at a random orientation with a lobulated outline,
+solid, part-solid or ground glass, with a partial-volume edge and the blur of a thick slice — and
+blends it into the cube of one of stage one's false positives near the centre: plain parenchyma, a
+vessel or a fissure becomes a nodule beside it. The nodules are deliberately generic (no outline
+from a phantom or from LIDC) so that what the classifier learns from them carries over to other
+data. ``pasteable`` keeps the cubes whose centre is mostly lung: a solid nodule drawn into the chest
+wall would be invisible and teach the classifier that soft tissue is a nodule.
 """
 
 from __future__ import annotations
@@ -86,56 +80,6 @@ def paste_nodule(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, 
         src.append(slice(lo - (c - half), hi - (c - half)))
     out[tuple(dst)] = _blend(out[tuple(dst)], occ[tuple(src)], hu[tuple(src)])
     return out
-
-
-def paste_nodule_planes(planes: np.ndarray, spacing_xy, offsets_mm, rng: np.random.Generator,
-                        min_section: float = 0.5, taken=(), allowed: np.ndarray | None = None
-                        ) -> tuple[np.ndarray, list[float], np.ndarray] | None:
-    """A random ``nodule`` blended into 2.5D planes (C, H, W) of HU whose channels lie ``offsets_mm``
-    from the centre plane and whose pixels are ``spacing_xy`` (x, y) mm: centred on a lung pixel
-    (below ``LUNG_HU``) of the centre plane, and at a depth where the centre plane cuts at least
-    ``min_section`` of its radius (as a slice's box of a real nodule). Returns the planes, the box
-    [x1, y1, x2, y2] (pixels) and (H, W) uint8 outline of the nodule on the centre plane; None
-    where the centre plane has no lung pixel with room for it. ``taken``: boxes of real nodules,
-    kept clear of it; ``allowed``: (H, W) bool, the pixels inside the lungs (air outside the body
-    is as dark as lung)."""
-    sx, sy = float(spacing_xy[0]), float(spacing_xy[1])
-    diameter = float(np.exp(rng.uniform(*np.log(DIAMETERS_MM))))
-    grid_mm = max(min(sx, sy), diameter / 24)  # fine enough for the pixels, at most about 50^3 voxels
-    occ, hu = nodule(grid_mm, rng, diameter)
-    half = occ.shape[0] // 2
-    ry, rx = int(np.ceil(half * grid_mm / sy)), int(np.ceil(half * grid_mm / sx))  # the grid's reach, pixels
-    centre = int(np.argmin(np.abs(np.asarray(offsets_mm, dtype=float))))
-    lung = planes[centre] < LUNG_HU
-    room = np.zeros_like(lung)
-    room[ry:lung.shape[0] - ry, rx:lung.shape[1] - rx] = True
-    for x1, y1, x2, y2 in taken:
-        room[max(0, int(y1) - ry):int(np.ceil(y2)) + ry, max(0, int(x1) - rx):int(np.ceil(x2)) + rx] = False
-    where = lung & room if allowed is None else lung & room & allowed
-    if rng.random() < 0.5:  # on the lung's edge: the pleura, the mediastinum, a large vessel
-        edge = where & ~ndimage.binary_erosion(lung, iterations=max(1, int(diameter / 2 / sx)))
-        where = edge if edge.any() else where
-    ys, xs = np.nonzero(where)
-    if not len(ys):
-        return None
-    k = rng.integers(len(ys))
-    cy, cx = int(ys[k]), int(xs[k])
-    depth = rng.uniform(-1, 1) * diameter / 2 * np.sqrt(1 - min_section ** 2)  # the nodule's centre from the plane, mm
-    rows, cols = slice(cy - ry, cy + ry + 1), slice(cx - rx, cx + rx + 1)
-    gy, gx = np.meshgrid(np.arange(-ry, ry + 1) * sy / grid_mm, np.arange(-rx, rx + 1) * sx / grid_mm, indexing="ij")
-    out = planes.astype(np.float32)
-    outline = np.zeros(lung.shape, dtype=np.uint8)
-    for c, off in enumerate(offsets_mm):
-        gz = np.full(gy.shape, (off - depth) / grid_mm)
-        at = np.stack([gz, gy, gx]) + half
-        o = ndimage.map_coordinates(occ, at, order=1, cval=0.0)
-        out[c, rows, cols] = _blend(out[c, rows, cols], o, ndimage.map_coordinates(hu, at, order=1, mode="nearest"))
-        if c == centre:
-            outline[rows, cols] = o >= 0.5
-    if not outline.any():  # a section narrower than a pixel: its centre pixel
-        outline[cy, cx] = 1
-    ys, xs = np.nonzero(outline)
-    return out, [float(xs.min()), float(ys.min()), xs.max() + 1.0, ys.max() + 1.0], outline
 
 
 def paste_vessel(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
