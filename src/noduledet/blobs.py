@@ -27,6 +27,8 @@ candidates before stage two; their own stage-one probability is 0.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import ndimage
 
@@ -83,18 +85,27 @@ def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.n
     to_voxel = (np.array(np.shape(hu)) - 1) / np.maximum(np.array(grid.shape) - 1, 1)
     ratio = SIGMAS_MM[1] / SIGMAS_MM[0]
     points, scores, radii = [], [], []
-    finer = ndimage.gaussian_filter(grid, SIGMAS_MM[0] / grid_mm, mode="nearest", truncate=3.0)
-    for sigma, next_sigma in zip(SIGMAS_MM, SIGMAS_MM[1:]):
-        coarser = ndimage.gaussian_filter(grid, next_sigma / grid_mm, mode="nearest", truncate=3.0)
-        response = (finer - coarser) / (ratio - 1)
-        peaks = (response == ndimage.maximum_filter(response, size=3)) & (response > MIN_RESPONSE_HU)
-        peaks[[0, -1]] = peaks[:, [0, -1]] = peaks[:, :, [0, -1]] = False  # room for the differences
-        at = np.argwhere(peaks)
-        if len(at):
-            points.append(at + _peak_offsets(response, at))
-            scores.append(_hessian_dot(finer, at, sigma / grid_mm))
-            radii.append(np.full(len(at), sigma * np.sqrt(3)))
-        finer = coarser
+
+    def blur(sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(grid, sigma / grid_mm, mode="nearest", truncate=3.0)
+
+    # scipy's filters use one core and release the GIL: the next scale is blurred on a second
+    # thread while this one's maxima are found (the same numbers, about a third less time)
+    with ThreadPoolExecutor(1) as pool:
+        coarser = pool.submit(blur, SIGMAS_MM[1])
+        finer = blur(SIGMAS_MM[0])
+        for k, sigma in enumerate(SIGMAS_MM[:-1]):
+            coarser = coarser.result()
+            following = pool.submit(blur, SIGMAS_MM[k + 2]) if k + 2 < len(SIGMAS_MM) else None
+            response = (finer - coarser) / (ratio - 1)
+            peaks = (response == ndimage.maximum_filter(response, size=3)) & (response > MIN_RESPONSE_HU)
+            peaks[[0, -1]] = peaks[:, [0, -1]] = peaks[:, :, [0, -1]] = False  # room for the differences
+            at = np.argwhere(peaks)
+            if len(at):
+                points.append(at + _peak_offsets(response, at))
+                scores.append(_hessian_dot(finer, at, sigma / grid_mm))
+                radii.append(np.full(len(at), sigma * np.sqrt(3)))
+            finer, coarser = coarser, following
     if not points:
         return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
     at, score, radius = np.concatenate(points), np.concatenate(scores), np.concatenate(radii)
