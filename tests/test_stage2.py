@@ -38,6 +38,33 @@ def test_patches_are_world_aligned_cubes_whatever_the_grid(axis):
     np.testing.assert_allclose(extract_patches(flipped.hu, flipped.geometry, [centre], 8, 1.5)[0] / 10, patch, atol=1e-4)
 
 
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                                       (0, 1, 0, 1, 0, 0, 0, 0, -1)], ids=["identity", "flipped", "swapped"])
+def test_separable_patches_equal_voxel_by_voxel_interpolation(direction):
+    """Axis-aligned scans take three matrix products instead of map_coordinates: the same HU,
+    at the array's edges and beyond them too."""
+    from noduledet.data import patches
+
+    hu = np.random.default_rng(0).normal(-500, 400, (30, 50, 40)).astype(np.float32)
+    g = Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), direction, hu.shape)
+    centres = [g.voxel_to_world(v) for v in ([15, 25, 20], [0, 0, 0], [29.4, 49.9, -3.0], [10.2, 3.3, 45.7])]
+    assert patches._axis_of(g) is not None
+    got = extract_patches(hu, g, centres, 12, 1.25)
+    for c, patch in zip(centres, got):
+        np.testing.assert_allclose(patch, patches._interpolate(hu, g, np.asarray(c), patch_offsets(12, 1.25)), atol=1e-3)
+
+
+def test_oblique_scans_are_interpolated_voxel_by_voxel():
+    from noduledet.data import patches
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    g = Geometry((0.7, 0.7, 1.0), (0.0, 0.0, 0.0), (c, -s, 0, s, c, 0, 0, 0, 1), (20, 30, 30))
+    assert patches._axis_of(g) is None
+    hu = np.rint(10 * g.voxel_to_world(np.indices(g.shape).reshape(3, -1).T)[:, 0]).reshape(g.shape)  # 10 x world x
+    patch = extract_patches(hu, g, [[5.0, 8.0, 10.0]], 6, 1.0)[0] / 10
+    np.testing.assert_allclose(patch[3, 3, :], 5.0 + patch_offsets(6, 1.0), atol=0.06)
+
+
 def test_classifier_scores_a_batch_and_every_parameter_learns():
     torch.manual_seed(0)
     model = NoduleClassifier3D(ClassifierSpec(size=16, width=4))

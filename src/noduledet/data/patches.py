@@ -35,14 +35,66 @@ def extract_patches(hu: np.ndarray, geometry: Geometry, centres_xyz, size: int =
     """
     centres = np.asarray(centres_xyz, dtype=float).reshape(-1, 3)
     off = patch_offsets(size, spacing_mm)
+    out = np.empty((len(centres), size, size, size), dtype=np.float32)
+    axes = _axis_of(geometry)
+    for i, c in enumerate(centres):
+        if axes is None:
+            out[i] = _interpolate(hu, geometry, c, off)
+        else:
+            out[i] = _interpolate_separable(hu, geometry, c, off, axes)
+    return out
+
+
+def _axis_of(geometry: Geometry) -> np.ndarray | None:
+    """For each array axis (z, y, x), the one world axis (0 x, 1 y, 2 z) its index follows, when
+    the volume's axes lie along the world's (flips and swaps allowed); None for an oblique one."""
+    inverse = np.abs(np.linalg.inv(geometry.matrix))[::-1]  # rows: array axes z, y, x
+    axes = inverse.argmax(axis=1)
+    off_axis = inverse.sum(axis=1) - inverse.max(axis=1)
+    if sorted(axes) != [0, 1, 2] or (off_axis > 1e-9 * inverse.max(axis=1)).any():
+        return None
+    return axes
+
+
+def _interpolate(hu: np.ndarray, geometry: Geometry, centre: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """One patch by trilinear interpolation at every voxel (any direction matrix)."""
+    size = len(off)
     zz, yy, xx = np.meshgrid(off, off, off, indexing="ij")
     grid = np.stack([xx, yy, zz], axis=-1).reshape(-1, 3)  # world x, y, z offsets
-    out = np.empty((len(centres), size, size, size), dtype=np.float32)
     shape = np.asarray(hu.shape)
-    for i, c in enumerate(centres):
-        voxels = geometry.world_to_voxel(grid + c)  # (size^3, 3) z, y, x
-        lo = np.clip(np.floor(voxels.min(0)).astype(int) - 1, 0, shape - 1)
-        hi = np.clip(np.ceil(voxels.max(0)).astype(int) + 2, lo + 1, shape)
-        block = np.asarray(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-        out[i] = ndimage.map_coordinates(block, (voxels - lo).T, order=1, mode="nearest").reshape(size, size, size)
-    return out
+    voxels = geometry.world_to_voxel(grid + centre)  # (size^3, 3) z, y, x
+    lo = np.clip(np.floor(voxels.min(0)).astype(int) - 1, 0, shape - 1)
+    hi = np.clip(np.ceil(voxels.max(0)).astype(int) + 2, lo + 1, shape)
+    block = np.asarray(hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+    return ndimage.map_coordinates(block, (voxels - lo).T, order=1, mode="nearest").reshape(size, size, size)
+
+
+def _interpolate_separable(hu: np.ndarray, geometry: Geometry, centre: np.ndarray, off: np.ndarray,
+                           axes: np.ndarray) -> np.ndarray:
+    """The same patch when every array axis follows one world axis: trilinear interpolation is
+    then linear interpolation along each axis in turn, three small matrix products (about
+    twenty times faster than interpolating each of the size^3 voxels)."""
+    size = len(off)
+    # the patch's voxel centres along each world axis, then each array axis's continuous index there
+    line = centre[None, :] + np.zeros((size, 3))
+    weights, starts, stops = [], [], []
+    for a, w in enumerate(axes):
+        points = line.copy()
+        points[:, w] += off
+        index = np.clip(geometry.world_to_voxel(points)[:, a], 0, hu.shape[a] - 1)
+        low = np.minimum(np.floor(index).astype(int), max(hu.shape[a] - 2, 0))
+        frac = index - low
+        start, stop = low.min(), min(low.max() + 2, hu.shape[a])
+        m = np.zeros((size, stop - start))
+        np.add.at(m, (np.arange(size), low - start), 1 - frac)
+        if stop - start > 1:
+            np.add.at(m, (np.arange(size), low + 1 - start), frac)
+        weights.append(m)
+        starts.append(start)
+        stops.append(stop)
+    block = np.asarray(hu[starts[0]:stops[0], starts[1]:stops[1], starts[2]:stops[2]], dtype=np.float64)
+    t = block @ weights[2].T  # (z, y, size): along x
+    t = weights[1] @ t  # (z, size, size): along y
+    t = (weights[0] @ t.reshape(len(block), -1)).reshape(size, size, size)  # along z
+    # axis k of t runs along world axis axes[k]; the patch's axes are world z, y, x
+    return t.transpose(np.argsort(2 - axes)).astype(np.float32)
