@@ -35,12 +35,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, box_iou
-from torchvision.ops.poolers import initLevelMapper
+from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from noduledet.models.attention import SpatialChannel
 from noduledet.models.resnet import AttnResNet
+from noduledet.models.roi_align import PyramidRoIAlign
 
 
 @dataclass(frozen=True)
@@ -359,17 +359,14 @@ def build_detector(variant: str, preset: str = "tiny", **options) -> FasterRCNN:
     return build_from_spec(variant, spec)
 
 
-def _roi_align(output_size: int) -> MultiScaleRoIAlign:
-    """RoIAlign over P2..P5 with the levels' scales set (1/4 .. 1/32), not inferred.
+def _fpn_pool(output_size: int) -> PyramidRoIAlign:
+    """RoIAlign over P2..P5 (strides 4..32), two samples per bin."""
+    return PyramidRoIAlign(["0", "1", "2", "3"], output_size, 2, first=2, last=5)
 
-    torchvision infers them on the first call from the feature and image sizes and keeps them;
-    for slices of a few dozen pixels, padded to a multiple of 32, that guess is off by a level,
-    and every later call inherits it.
-    """
-    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, 2)
-    pool.scales = [2.0**-k for k in range(2, 6)]
-    pool.map_levels = initLevelMapper(2, 5, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
-    return pool
+
+def _c4_pool(output_size: int) -> PyramidRoIAlign:
+    """RoIAlign on the one stride-16 map of the C4 design."""
+    return PyramidRoIAlign(["0"], output_size, 2, first=4, last=4)
 
 
 NECKS = ("fpn", "c4")
@@ -404,14 +401,6 @@ class Res5Head(nn.Module):
         return self.stage(x).mean(dim=(2, 3))
 
 
-def _roi_align_c4(output_size: int) -> MultiScaleRoIAlign:
-    """RoIAlign on the one stride-16 map, its scale set rather than inferred (see ``_roi_align``)."""
-    pool = MultiScaleRoIAlign(["0"], output_size, 2)
-    pool.scales = [1 / 16]
-    pool.map_levels = initLevelMapper(4, 4, canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
-    return pool
-
-
 def _c4_parts(body: nn.Module, return_layers: dict[str, str], channels: list[int], spec: DetectorSpec):
     """Neck "c4": backbone to stride 16, anchors on that map, RoIAlign and box head.
 
@@ -426,11 +415,11 @@ def _c4_parts(body: nn.Module, return_layers: dict[str, str], channels: list[int
     if isinstance(body, AttnResNet):
         stage = body.layer4
         backbone = SingleMap(body, "layer3", channels[2])  # IntermediateLayerGetter drops layer4
-        return backbone, anchors, _roi_align_c4(14), Res5Head(stage), channels[3], _roi_align_c4(14)
+        return backbone, anchors, _c4_pool(14), Res5Head(stage), channels[3], _c4_pool(14)
     layer = next(k for k, v in return_layers.items() if v == "2")  # the stride-16 tap
     backbone = SingleMap(body, layer, channels[2])
     box_head = TwoMLPHead(channels[2] * 7 * 7, spec.representation_size)
-    return backbone, anchors, _roi_align_c4(7), box_head, spec.representation_size, _roi_align_c4(14)
+    return backbone, anchors, _c4_pool(7), box_head, spec.representation_size, _c4_pool(14)
 
 
 def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
@@ -445,7 +434,7 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     else:
         backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool())
         anchors = NoduleAnchors(spec.anchor_sizes, (spec.aspect_ratios,) * len(spec.anchor_sizes), spec.anchor_offsets)
-        box_pool, box_width, mask_pool = _roi_align(7), spec.representation_size, _roi_align(14)
+        box_pool, box_width, mask_pool = _fpn_pool(7), spec.representation_size, _fpn_pool(14)
         box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
     rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     common = dict(
