@@ -113,3 +113,21 @@ def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsy
     assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no prepared cache here" in err
+
+
+def test_training_benchmark_compares_the_same_step_with_either_roi_align():
+    from bench_training import batch, bench_cubes, with_torchvision_pool
+
+    from noduledet.models import build_detector
+
+    images, targets = batch(0, size=64, images=2)
+    grads = []
+    for swap in (False, True):
+        torch.manual_seed(0)
+        model = build_detector("ccapm", "tiny").train()
+        model = with_torchvision_pool(model) if swap else model
+        torch.manual_seed(1)  # the heads' sampling of proposals
+        sum(model(images, targets).values()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert bench_cubes(3)["max_diff_hu"] < 1e-2
