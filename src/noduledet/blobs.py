@@ -80,10 +80,12 @@ def _peak_offsets(response: np.ndarray, points: np.ndarray) -> np.ndarray:
 def _zoom_linear(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """``ndimage.zoom(volume, factor, order=1, prefilter=False)`` (float32): trilinear, the first
     and last samples of each axis on the first and last voxels; torch's multi-threaded
-    interpolation in double precision, six times faster on 2 cores."""
+    interpolation in double precision, the same float32 values on three demo scans and 1.2-5
+    times faster there on 2 cores (0.28 / 0.72 / 0.53 s -> 0.20 / 0.60 / 0.10 s)."""
     shape = tuple(int(round(n * f)) for n, f in zip(volume.shape, factor))
     x = torch.from_numpy(volume.astype(np.float64))[None, None]
-    return torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy().astype(np.float32)
+    zoomed = torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)[0, 0]
+    return zoomed.numpy().astype(np.float32)
 
 
 def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

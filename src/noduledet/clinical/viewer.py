@@ -60,7 +60,8 @@ def png_data_uri(grey: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)  # mode "L"; 4x faster than optimize=True, 10% larger
+    # mode "L"; zlib level 3: a predicted scan's slices 2.75 -> 0.97 s against optimize=True, about 10% larger
+    Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
