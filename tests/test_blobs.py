@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from noduledet.blobs import blob_points, find_blobs, suppress
+from noduledet.blobs import _maximum_3x3x3, blob_points, find_blobs, suppress
 from noduledet.geometry import Geometry
 from noduledet.merge import Candidate
 
@@ -105,3 +106,15 @@ def test_suppress_by_hand():
     # point 1 lies within point 0's 3 mm; point 3 within the taken point's 5 mm
     assert suppress(world, radius, 10, taken=np.array([[33.0, 0, 0]]), taken_radius=np.array([5.0])) == [0, 2]
     assert suppress(world, radius, 1) == [0]
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (1, 4, 3), (2, 2, 2), (3, 1, 8)])
+def test_the_3x3x3_maximum_is_scipys_filter(shape):
+    rng = np.random.default_rng(0)
+    for volume in (rng.normal(size=shape).astype(np.float32), rng.integers(0, 3, shape).astype(np.float32)):
+        assert np.array_equal(_maximum_3x3x3(volume), ndimage.maximum_filter(volume, size=3))
+    volume = np.zeros(shape, np.float32)
+    volume[0, 0, 0] = 5.0  # spreads to its neighbours only, the input untouched
+    expected = np.zeros(shape, np.float32)
+    expected[:2, :2, :2] = 5.0
+    assert np.array_equal(_maximum_3x3x3(volume), expected) and volume.sum() == 5.0

