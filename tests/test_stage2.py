@@ -11,7 +11,7 @@ from noduledet.data.patches import extract_patches, patch_offsets
 from noduledet.fpr import augment_cube
 from noduledet.geometry import Geometry
 from noduledet.metrics.froc import ScanOutcome, at_thresholds, sensitivity_by_size, thresholds_at
-from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
+from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D, _HalvingMaxPool
 from tests.conftest import flipped_xy
 
 
@@ -83,6 +83,19 @@ def test_classifier_scores_a_batch_and_every_parameter_learns():
     assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in model.parameters())
     with torch.no_grad():
         assert model.eval()(x).shape == (6,)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 8, 8, 8), (2, 3, 7, 5, 6), (1, 1, 2, 3, 3)])
+def test_the_classifiers_max_pooling_is_torchs_with_and_without_gradients(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, 0, :2, :2, :2] = 1.5  # a tie: one maximum, whichever element it comes from
+    expected = torch.nn.functional.max_pool3d(x, 2)
+    with torch.no_grad():
+        assert torch.equal(_HalvingMaxPool()(x), expected)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(_HalvingMaxPool()(xg), expected)
+    _HalvingMaxPool()(xg).sum().backward()
+    assert xg.grad.sum() == expected.numel()  # each output's gradient reaches one input
 
 
 def test_cube_augmentation_keeps_the_contents():

@@ -41,9 +41,23 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
 
 
+class _HalvingMaxPool(nn.Module):
+    """``nn.MaxPool3d(2)``. Without gradients (inference) as the maximum of two strided halves
+    along each axis: the same values, 7 times faster on the CPU than torch's 3D max pooling for a
+    batch of 32 first-stage cubes (2.6 vs 18.9 ms); with gradients torch's, whose backward is fast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            return nn.functional.max_pool3d(x, 2)
+        x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2, : x.shape[4] // 2 * 2]  # pooling floors odd sizes
+        x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+        x = torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])
+        return torch.maximum(x[..., 0::2], x[..., 1::2])
+
+
 def _stage(cin: int, cout: int) -> nn.Sequential:
     """Max-pool (halves the cube), then two convolutions."""
-    return nn.Sequential(nn.MaxPool3d(2), *_conv(cin, cout), *_conv(cout, cout))
+    return nn.Sequential(_HalvingMaxPool(), *_conv(cin, cout), *_conv(cout, cout))
 
 
 class NoduleClassifier3D(nn.Module):
