@@ -80,20 +80,33 @@ def _interpolate_separable(hu: np.ndarray, geometry: Geometry, centre: np.ndarra
         # the patch's voxel centres along world axis w, then array axis a's continuous index there
         points = np.tile(centre, (size, 1))
         points[:, w] += off
-        index = np.clip(geometry.world_to_voxel(points)[:, a], 0, hu.shape[a] - 1)
-        low = np.minimum(np.floor(index).astype(int), max(hu.shape[a] - 2, 0))
-        frac = index - low
-        start, stop = low.min(), min(low.max() + 2, hu.shape[a])
-        m = np.zeros((size, stop - start))
-        np.add.at(m, (np.arange(size), low - start), 1 - frac)
-        if stop - start > 1:
-            np.add.at(m, (np.arange(size), low + 1 - start), frac)
+        m, start = linear_weights(geometry.world_to_voxel(points)[:, a], hu.shape[a])
         weights.append(m)
         starts.append(start)
-        stops.append(stop)
-    block = np.asarray(hu[starts[0]:stops[0], starts[1]:stops[1], starts[2]:stops[2]], dtype=np.float64)
-    t = block @ weights[2].T  # (z, y, size): along x
-    t = weights[1] @ t  # (z, size, size): along y
-    t = (weights[0] @ t.reshape(len(block), -1)).reshape(size, size, size)  # along z
+        stops.append(start + m.shape[1])
+    t = resample_separable(hu[starts[0]:stops[0], starts[1]:stops[1], starts[2]:stops[2]], weights)
     # axis k of t runs along world axis axes[k]; the patch's axes are world z, y, x
     return t.transpose(np.argsort(2 - axes)).astype(np.float32)
+
+
+def linear_weights(index: np.ndarray, length: int) -> tuple[np.ndarray, int]:
+    """Linear interpolation at the continuous positions ``index`` along an axis of ``length``
+    samples, the edge samples repeating beyond it, as a matrix: (len(index), m) weights of the
+    samples ``start`` to ``start + m``, and ``start``."""
+    index = np.clip(index, 0, length - 1)
+    low = np.minimum(np.floor(index).astype(int), max(length - 2, 0))
+    frac = index - low
+    start, stop = low.min(), min(low.max() + 2, length)
+    m = np.zeros((len(index), stop - start))
+    np.add.at(m, (np.arange(len(index)), low - start), 1 - frac)
+    if stop - start > 1:
+        np.add.at(m, (np.arange(len(index)), low + 1 - start), frac)
+    return m, int(start)
+
+
+def resample_separable(block: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """``block`` (z, y, x) interpolated along each axis by its matrix of ``weights`` (three
+    ``linear_weights`` matrices, z first), one axis at a time: (len(wz), len(wy), len(wx)) float64."""
+    t = np.asarray(block, dtype=np.float64) @ weights[2].T  # (z, y, nx): along x
+    t = weights[1] @ t  # (z, ny, nx): along y
+    return (weights[0] @ t.reshape(len(block), -1)).reshape(len(weights[0]), len(weights[1]), len(weights[2]))
