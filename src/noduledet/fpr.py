@@ -119,7 +119,8 @@ def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator, shift: f
     room = max(0.0, room if shift is None else min(room, shift))  # zoomed out past the cube: edges repeat
     start = (cube.shape[0] - 1) / 2 - zoom * (size - 1) / 2 + rng.uniform(-room, room, 3)
     # trilinear, the cube's edge repeating beyond it (ndimage.affine_transform's order 1, mode
-    # "nearest": the same values on 400 demo cubes), one axis at a time: 0.65 -> 0.14 ms a cube
+    # "nearest"), one axis at a time: 0.65 -> 0.14 ms a cube; float64 sums in another order, so one
+    # float32 value in about 50 million differs in its last bit (a training run then rounds apart)
     weights = [linear_weights(s + zoom * np.arange(size), n) for s, n in zip(start, cube.shape)]
     at = tuple(slice(s, s + w.shape[1]) for (w, s) in weights)
     c = resample_separable(cube[at], [w for w, _ in weights]).astype(np.float32)
