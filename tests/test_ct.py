@@ -3,8 +3,9 @@ import pydicom
 import pytest
 
 from noduledet.data.ct import CTVolume, read_ct, read_mhd_geometry, write_ct, write_dicom
-from noduledet.errors import UserError
+from noduledet.errors import NoSpaceError, UserError
 from noduledet.geometry import Geometry
+from noduledet.staging import staged_dir
 
 
 def _volume(direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)) -> CTVolume:
@@ -108,3 +109,15 @@ def test_wrong_path_and_unknown_format(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown CT format"):
         read_ct(tmp_path / "a.png")
+
+
+def test_a_full_disk_while_writing_a_scan_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(*args, **kwargs):  # what ITK raises when the device is full
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: itkMetaImageIO.cxx:1110:\n"
+                           "ITK ERROR: MetaImageIO: File cannot be written: s.mhd\nReason: No space left on device")
+
+    monkeypatch.setattr("noduledet.data.ct.sitk.WriteImage", full)
+    with pytest.raises(NoSpaceError, match=r"out: no space left on the device; nothing half-written is left"):
+        with staged_dir(tmp_path / "out") as tmp:
+            write_ct(_volume(), tmp / "s.mhd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ Every reader returns a ``CTVolume``: Hounsfield units as int16 in (z, y, x) orde
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -539,7 +540,12 @@ def write_ct(volume: CTVolume, path: str | os.PathLike) -> None:
     if ct_kind(path) not in ("mhd", "nifti"):
         raise ValueError(f"{path}: write .mhd, .nii or .nii.gz (DICOM: write_dicom)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(to_sitk(volume), str(path), useCompression=path.name.endswith(".gz"))
+    try:
+        sitk.WriteImage(to_sitk(volume), str(path), useCompression=path.name.endswith(".gz"))
+    except RuntimeError as err:
+        if "No space left on device" in str(err):  # ITK says so only in its message: make it the OSError it is
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 def _itk_reason(err: Exception) -> str:
