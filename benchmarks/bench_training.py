@@ -11,6 +11,14 @@
 2. Stage two's training cubes (``fpr.cut`` -> ``extract_patches``): 32^3 cubes of 1.25 mm from a
    generated 160x300x300 region at 0.7 x 0.7 x 1.25 mm, interpolated voxel by voxel
    (``map_coordinates``) against the three matrix products along the axes.
+3. Stage two's augmented cubes (``fpr.augment_cube`` -> ``zoom_shift``): a 24^3 cube zoomed
+   and shifted out of a 32^3 one, by ``ndimage.affine_transform`` (order 1) against the same
+   linear weights one axis at a time.
+4. The blob filter's peaks (``blobs._maximum_3x3x3``), which runs over every training scan when
+   stage two mines its candidates: scipy's ``maximum_filter(size=3)`` against shifted
+   ``np.maximum``, on a 200x180x290 grid.
+5. Stage two's max pooling without gradients (calibration, evaluation, prediction): torch's
+   ``max_pool3d`` against the maximum of strided halves, on the first stage's output for 32 cubes.
 """
 
 from __future__ import annotations
@@ -23,14 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
+from noduledet.blobs import _maximum_3x3x3  # noqa: E402
 from noduledet.data import patches  # noqa: E402
+from noduledet.fpr import zoom_shift  # noqa: E402
 from noduledet.geometry import Geometry  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
+from noduledet.models.classifier3d import _HalvingMaxPool  # noqa: E402
 
 
 def batch(seed: int, size: int = 128, images: int = 8) -> tuple[list[torch.Tensor], list[dict]]:
@@ -99,6 +111,55 @@ def bench_cubes(count: int) -> dict:
             "max_diff_hu": float(np.abs(slow - fast).max())}
 
 
+def timed(work, repeats: int) -> tuple[float, object]:
+    """Seconds per call of ``work()`` (after one warm-up call), and its last result."""
+    out = work()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = work()
+    return (time.perf_counter() - t) / repeats, out
+
+
+def compare(before, after, repeats: int) -> dict:
+    """Both callables timed alternately over three rounds; medians, ratio and largest difference."""
+    times, outputs = {"before": [], "after": []}, {}
+    for _ in range(3):
+        for name, work in (("before", before), ("after", after)):
+            seconds, outputs[name] = timed(work, repeats)
+            times[name].append(seconds)
+    a, b = statistics.median(times["before"]), statistics.median(times["after"])
+    diff = np.abs(np.asarray(outputs["before"], dtype=np.float64) - np.asarray(outputs["after"], dtype=np.float64))
+    return {"before": a, "after": b, "ratio": a / b, "max_diff": float(diff.max())}
+
+
+def bench_augment(count: int) -> dict:
+    rng = np.random.default_rng(0)
+    cubes = rng.normal(-600, 300, (count, 32, 32, 32)).astype(np.float32)
+    draws = []
+    for cube in cubes:
+        zoom = float(np.exp(rng.uniform(-np.log1p(0.15), np.log1p(0.15))))  # stage two's defaults
+        start = 15.5 - zoom * 11.5 + rng.uniform(-2, 2, 3)
+        draws.append((cube, zoom, start))
+
+    def scipy_way():
+        return np.stack([ndimage.affine_transform(c, np.full(3, z), s, (24,) * 3, order=1, mode="nearest")
+                         for c, z, s in draws])
+
+    r = compare(scipy_way, lambda: np.stack([zoom_shift(c, z, s, 24) for c, z, s in draws]), 1)
+    return {k: v / count if k in ("before", "after") else v for k, v in r.items()}
+
+
+def bench_maxima(shape: tuple[int, int, int] = (200, 180, 290)) -> dict:
+    volume = ndimage.gaussian_filter(np.random.default_rng(0).normal(0, 50, shape).astype(np.float32), 1.5)
+    return compare(lambda: ndimage.maximum_filter(volume, size=3), lambda: _maximum_3x3x3(volume), 3)
+
+
+def bench_pool(cubes: int = 32) -> dict:
+    x = torch.relu(torch.randn(cubes, 16, 24, 24, 24, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        return compare(lambda: torch.nn.functional.max_pool3d(x, 2), lambda: _HalvingMaxPool()(x), 10)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -113,6 +174,16 @@ def main(argv=None) -> int:
     print(f"stage-two cubes, 32^3 at 1.25 mm: voxel by voxel {c['voxel by voxel'] * 1000:.2f} ms, "
           f"matrix products {c['matrix products'] * 1000:.2f} ms per cube; {c['ratio']:.1f}x; "
           f"largest difference {c['max_diff_hu']:.1e} HU")
+    a = bench_augment(args.cubes)
+    print(f"stage-two augmented cubes, 24^3 from 32^3: affine_transform {a['before'] * 1000:.2f} ms, "
+          f"one axis at a time {a['after'] * 1000:.2f} ms per cube; {a['ratio']:.1f}x; "
+          f"largest difference {a['max_diff']:.1e} HU")
+    m = bench_maxima()
+    print(f"blob filter peaks, 3x3x3 maximum of 200x180x290: scipy {m['before'] * 1000:.0f} ms, "
+          f"shifted np.maximum {m['after'] * 1000:.0f} ms; {m['ratio']:.1f}x; largest difference {m['max_diff']:g}")
+    q = bench_pool()
+    print(f"stage-two max pooling without gradients, 32 x 16 x 24^3: max_pool3d {q['before'] * 1000:.1f} ms, "
+          f"strided halves {q['after'] * 1000:.1f} ms; {q['ratio']:.1f}x; largest difference {q['max_diff']:g}")
     return 0
 
 

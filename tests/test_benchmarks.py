@@ -115,8 +115,8 @@ def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsy
     assert err.count("\n") == 1 and "no prepared cache here" in err
 
 
-def test_training_benchmark_compares_the_same_step_with_either_roi_align():
-    from bench_training import batch, bench_cubes, with_torchvision_pool
+def test_training_benchmark_compares_the_same_work_before_and_after():
+    from bench_training import batch, bench_augment, bench_cubes, bench_maxima, bench_pool, with_torchvision_pool
 
     from noduledet.models import build_detector
 
@@ -131,3 +131,5 @@ def test_training_benchmark_compares_the_same_step_with_either_roi_align():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert bench_cubes(3)["max_diff_hu"] < 1e-2
+    assert bench_augment(3)["max_diff"] < 1e-3  # float32 rounding
+    assert bench_maxima((6, 7, 8))["max_diff"] == 0 and bench_pool(2)["max_diff"] == 0
