@@ -90,8 +90,9 @@ def _zoom_linear(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 def _maximum_3x3x3(volume: np.ndarray) -> np.ndarray:
     """``ndimage.maximum_filter(volume, size=3)``: each voxel's maximum over its 3x3x3
-    neighbourhood (the volume's edge repeats), one axis at a time by shifted ``np.maximum``;
-    the same values, 2.7 times faster than scipy's filter (benchmarks/bench_training.py; 0.27 -> 0.07 s on a demo scan)."""
+    neighbourhood (the volume's edge repeats), one axis at a time by shifted ``np.maximum``; the
+    same values, 2.7 times faster than scipy's filter (benchmarks/bench_training.py; 0.27 -> 0.07 s
+    on a demo scan's response)."""
     out = volume
     for axis in range(volume.ndim):
         before = tuple(slice(None, -1) if a == axis else slice(None) for a in range(volume.ndim))
