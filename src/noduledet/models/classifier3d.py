@@ -43,8 +43,9 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 
 class _HalvingMaxPool(nn.Module):
     """``nn.MaxPool3d(2)``. Without gradients (inference) as the maximum of two strided halves
-    along each axis: the same values, 7 times faster on the CPU than torch's 3D max pooling for a
-    batch of 32 first-stage cubes (2.6 vs 18.9 ms); with gradients torch's, whose backward is fast."""
+    along each axis: the same values, 6.5 times faster on the CPU than torch's 3D max pooling for a
+    batch of 32 first-stage cubes (benchmarks/bench_training.py); with gradients torch's, whose
+    backward is fast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
