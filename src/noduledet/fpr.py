@@ -137,8 +137,7 @@ def zoom_shift(cube: np.ndarray, zoom: float, start: np.ndarray, size: int) -> n
     sums run in another order, so about one float32 value in 50 million differs in its last bit
     (a training run then rounds apart from one with affine_transform)."""
     weights = [linear_weights(s + zoom * np.arange(size), n) for s, n in zip(start, cube.shape)]
-    block = cube[tuple(slice(s, s + w.shape[1]) for w, s in weights)]
-    return resample_separable(block, [w for w, _ in weights]).astype(np.float32)
+    return resample_separable(cube, weights).astype(np.float32)
 
 
 def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device, log=None) -> NoduleClassifier3D:
