@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from noduledet import __version__
+from noduledet.allocator import keep_freed_memory
 from noduledet.errors import UserError
 
 
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a log file sees each line when it is printed
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except UserError as err:
