@@ -4,7 +4,8 @@
 
 1. ``--scans`` phantom scans (``noduledet phantom``, LUNA16 resolution) listed in a manifest,
    predicted in one process (the model loaded once): seconds per scan, scans per hour, and the
-   resident memory after every scan (it must not grow: one volume and one batch at a time).
+   resident memory after every scan (it must not grow: one volume and one batch at a time), with
+   malloc's thresholds set as the CLI sets them (``noduledet.allocator``).
 2. The same manifest as two shards (``--shard 0/2``, ``--shard 1/2``) run one after the other,
    then ``noduledet gather``: the gathered candidates.csv must equal the single run's.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
+from noduledet.allocator import keep_freed_memory  # noqa: E402
 from noduledet.batch import gather  # noqa: E402
 from noduledet.data.phantom import write_dataset  # noqa: E402
 from noduledet.predict import PredictOptions, predict  # noqa: E402
@@ -52,7 +54,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--data", type=Path, help="an existing phantom folder (default: generate one)")
     args = p.parse_args()
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}")
+    tuned = keep_freed_memory()  # as `noduledet predict` runs
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\nmalloc: {'the CLI thresholds' if tuned else 'as set'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = args.data

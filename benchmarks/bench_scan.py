@@ -5,7 +5,7 @@
 1. A phantom scan of SIZE x SIZE x SLICES through the pipeline's stages (read, lung mask, slice
    preparation, detector, 3D merge, the blob filter and the second stage when the checkpoint has one), for each step from the naive path (every whole slice,
    batch 1) to the default (lung slices of the scan region, batches of 4, channels_last) and
-   the ONNX Runtime engine.
+   the ONNX Runtime engine; malloc's thresholds as the CLI sets them (``noduledet.allocator``).
 2. Quality before and after, on the held-out scans of the checkpoint's run (``data/phantom``
    with ``configs/phantom-cpu.yaml``): CPM of the naive and the cropped path, and slice mAP and
    CPM of the torch and ONNX engines through ``noduledet evaluate``.
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
 from noduledet import checkpoint as ckpt_io  # noqa: E402
+from noduledet.allocator import keep_freed_memory  # noqa: E402
 from noduledet.data.cache import prepare  # noqa: E402
 from noduledet.data.ct import CTVolume, read_ct, write_ct  # noqa: E402
 from noduledet.data.luna16 import Findings, Luna16, write_findings  # noqa: E402
@@ -71,7 +72,8 @@ def main() -> None:
     args = p.parse_args()
     if not args.checkpoint.is_file():
         sys.exit(f"{args.checkpoint}: train it first (noduledet train configs/phantom-cpu.yaml)")
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}")
+    tuned = keep_freed_memory()  # as `noduledet predict` runs
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\nmalloc: {'the CLI thresholds' if tuned else 'as set'}")
     shapes = shape_library()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

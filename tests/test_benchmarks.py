@@ -133,3 +133,13 @@ def test_training_benchmark_compares_the_same_work_before_and_after():
     assert bench_cubes(3)["max_diff_hu"] < 1e-2
     assert bench_augment(3)["max_diff"] < 1e-3  # float32 rounding
     assert bench_maxima((6, 7, 8))["max_diff"] == 0 and bench_pool(2)["max_diff"] == 0
+
+
+def test_malloc_benchmark_runs_glibc_defaults_beside_the_clis_thresholds(monkeypatch):
+    from bench_malloc import bench
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # as left by an in-process CLI call: not passed on
+    result = bench(rounds=1, samples=16, steps=1)  # raises SystemExit if the tuned child could not set them
+    for name in ("default", "tuned"):
+        assert result[name]["wall_s"] > 0 and result[name]["faults"] > 0 and result[name]["peak_mb"] > 0
+    assert result["ratio"] > 0
