@@ -53,9 +53,12 @@ def main() -> None:
     p.add_argument("--scans", type=int, default=50)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--data", type=Path, help="an existing phantom folder (default: generate one)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave malloc's thresholds as glibc started (the CLI sets its own: noduledet.allocator)")
     args = p.parse_args()
-    tuned = keep_freed_memory()  # as `noduledet predict` runs
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\nmalloc: {'the CLI thresholds' if tuned else 'as set'}")
+    tuned = False if args.glibc_malloc else keep_freed_memory()  # as `noduledet predict` runs
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n"
+          f"malloc: {'the CLI thresholds' if tuned else 'glibc as started'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = args.data

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import batch  # noqa: E402
 from common import machine_line  # noqa: E402
 
-from noduledet.allocator import keep_freed_memory  # noqa: E402
+from noduledet.allocator import OPT_OUT, keep_freed_memory  # noqa: E402
 from noduledet.config import Config  # noqa: E402
 from noduledet.fpr import cube_margin, fit  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
@@ -59,17 +59,18 @@ def work(samples: int, steps: int) -> None:
 def child(tuned: bool, samples: int, steps: int) -> dict:
     """Run ``work`` in this process (with or without the thresholds) and return its costs."""
     torch.set_num_threads(2)
-    set_ = keep_freed_memory() if tuned else False
+    applied = keep_freed_memory() if tuned else False
     start, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     work(samples, steps)
     wall, end = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-    return {"tuned": set_, "wall_s": wall, "user_s": end.ru_utime - start.ru_utime,
+    return {"tuned": applied, "wall_s": wall, "user_s": end.ru_utime - start.ru_utime,
             "sys_s": end.ru_stime - start.ru_stime, "faults": end.ru_minflt - start.ru_minflt,
             "peak_mb": end.ru_maxrss / 1024}
 
 
 def spawn(tuned: bool, samples: int, steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults in "before"
+    env = {k: v for k, v in os.environ.items()  # glibc's defaults in "before"
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", OPT_OUT)}
     args = [sys.executable, __file__, "--child", "tuned" if tuned else "default", "--samples", str(samples),
             "--steps", str(steps)]
     out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
@@ -82,7 +83,8 @@ def bench(rounds: int, samples: int, steps: int) -> dict:
         for tuned in ((False, True) if r % 2 == 0 else (True, False)):
             runs[tuned].append(spawn(tuned, samples, steps))
     if not all(run["tuned"] for run in runs[True]):
-        raise SystemExit("bench_malloc: this C library has no mallopt (not glibc); nothing to compare")
+        raise SystemExit("bench_malloc: the thresholds could not be set (not glibc, or NODULEDET_KEEP_FREED_MEMORY=0 "
+                         "or GLIBC_TUNABLES malloc settings); nothing to compare")
     medians = {tuned: {k: statistics.median(run[k] for run in runs[tuned]) for k in runs[tuned][0] if k != "tuned"}
                for tuned in runs}
     ratio = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs[False], runs[True]))
@@ -99,11 +101,12 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child == "tuned", args.samples, args.steps)))
         return 0
-    print(machine_line().replace(f"threads {torch.get_num_threads()}", "threads 2"))
-    print(f"{args.rounds} rounds; each child: stage two's training on {args.samples} cubes, "
+    print(machine_line())
+    print(f"{args.rounds} rounds; each child, 2 threads: stage two's training on {args.samples} cubes, "
           f"{args.steps} stage-one training steps")
     result = bench(args.rounds, args.samples, args.steps)
-    print("| malloc | wall s | user s | system s | minor page faults | memory peak MB |\n|---|---:|---:|---:|---:|---:|")
+    print("| malloc | wall s | user s | system s | minor page faults | memory peak MB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in ("default", "tuned"):
         m = result[name]
         print(f"| {name} | {m['wall_s']:.1f} | {m['user_s']:.1f} | {m['sys_s']:.1f} | {m['faults']:,.0f} | "

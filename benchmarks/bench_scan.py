@@ -69,11 +69,14 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--cache-scans", type=int, default=4)
     p.add_argument("--no-quality", action="store_true", help="skip part 2")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave malloc's thresholds as glibc started (the CLI sets its own: noduledet.allocator)")
     args = p.parse_args()
     if not args.checkpoint.is_file():
         sys.exit(f"{args.checkpoint}: train it first (noduledet train configs/phantom-cpu.yaml)")
-    tuned = keep_freed_memory()  # as `noduledet predict` runs
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\nmalloc: {'the CLI thresholds' if tuned else 'as set'}")
+    tuned = False if args.glibc_malloc else keep_freed_memory()  # as `noduledet predict` runs
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n"
+          f"malloc: {'the CLI thresholds' if tuned else 'glibc as started'}")
     shapes = shape_library()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -13,6 +13,12 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _glibc_malloc(monkeypatch):
+    """In-process CLI calls leave malloc and the environment of later tests' subprocesses as they were."""
+    monkeypatch.setattr("noduledet.cli.keep_freed_memory", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A small phantom in the LUNA16 layout: 4 scans of 96x96 pixels, 1-2 nodules of 8-20 mm."""

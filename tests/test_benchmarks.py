@@ -138,8 +138,6 @@ def test_training_benchmark_compares_the_same_work_before_and_after():
 def test_malloc_benchmark_runs_glibc_defaults_beside_the_clis_thresholds(monkeypatch):
     from bench_malloc import bench
 
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # as left by an in-process CLI call: not passed on
-    result = bench(rounds=1, samples=16, steps=1)  # raises SystemExit if the tuned child could not set them
-    for name in ("default", "tuned"):
-        assert result[name]["wall_s"] > 0 and result[name]["faults"] > 0 and result[name]["peak_mb"] > 0
-    assert result["ratio"] > 0
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # a parent's own setting: not passed on to the children
+    result = bench(rounds=1, samples=32, steps=1)  # raises SystemExit if the tuned child could not set them
+    assert result["tuned"]["faults"] < result["default"]["faults"]

@@ -7,11 +7,13 @@ and frees the same tens of megabytes (activations, cubes, resampled slices) over
 kernel maps and zeroes them anew each time: a demo run page-faulted 41-56 million times, 120-153 s
 of system time. With blocks up to 256 MiB from the heap and up to 1 GiB of free heap kept, it
 page-faults about half a million times (30-33 s of system time), every result bit for bit the
-same; its memory peak grows by about 0.4 GB. ``benchmarks/bench_malloc.py`` measures training
+same; its memory peak grows by 0.4-0.5 GB. ``benchmarks/bench_malloc.py`` measures training
 work 1.08x faster (docs/benchmarks.md, section 8).
 
-Only glibc has these knobs (``mallopt``); elsewhere nothing changes. A user's own ``MALLOC_*_``
-environment settings win: then this module leaves malloc as the user set it.
+Only glibc has these knobs (``mallopt``); elsewhere nothing changes. glibc before 2.31 refuses an
+mmap threshold above 32 MiB, which is then used instead. A user's own ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` or ``glibc.malloc`` tunables (``GLIBC_TUNABLES``) win, and
+``NODULEDET_KEEP_FREED_MEMORY=0`` leaves glibc's own behaviour (less memory held, more page faults).
 """
 
 from __future__ import annotations
@@ -20,25 +22,30 @@ import ctypes
 import os
 import sys
 
-MMAP_THRESHOLD = 256 << 20  # blocks larger than this still come from (and go back to) the kernel
+MMAP_THRESHOLDS = (256 << 20, 32 << 20)  # the first glibc accepts; larger blocks come from (and go back to) the kernel
 TRIM_THRESHOLD = 1 << 30  # free heap kept for the next allocations before any is given back
+OPT_OUT = "NODULEDET_KEEP_FREED_MEMORY"
 
 _M_TRIM_THRESHOLD = -1  # glibc's malloc.h parameter numbers
 _M_MMAP_THRESHOLD = -3
-_ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
+_MMAP_ENV, _TRIM_ENV = "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's thresholds for this process and, through the environment, for processes it starts.
 
-    Returns True when they were set; False on another C library or when the user set them already.
+    Returns True when they were set; False on another C library, when the user set them already or
+    opted out (module docstring).
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ENV):
+    if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "0"
+            or _MMAP_ENV in os.environ or _TRIM_ENV in os.environ
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
-    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1):
+    mmap = next((value for value in MMAP_THRESHOLDS if mallopt(_M_MMAP_THRESHOLD, value) == 1), None)
+    if mmap is None or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         return False
-    os.environ.update({name: str(value) for name, value in _ENV.items()})  # spawned workers read them at start
+    os.environ.update({_MMAP_ENV: str(mmap), _TRIM_ENV: str(TRIM_THRESHOLD)})  # spawned workers read them at start
     return True
