@@ -23,7 +23,7 @@ class ClassifierSpec:
     """What the classifier sees and its size (stored beside its weights in a checkpoint)."""
 
     size: int = 24  # patch edge, voxels ...
-    spacing_mm: float = 1.25  # ... of this size: a 30 mm cube
+    spacing_mm: float = 1.0  # ... of this size: a 24 mm cube
     width: int = 16  # channels of the first stage (then x2, x4)
     window_hu: tuple[float, float] = (-1000.0, 400.0)
 
