@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line  # noqa: E402
+from common import add_glibc_malloc_option, machine_line, malloc_line  # noqa: E402
 
-from noduledet.allocator import keep_freed_memory  # noqa: E402
 from noduledet.batch import gather  # noqa: E402
 from noduledet.data.phantom import write_dataset  # noqa: E402
 from noduledet.predict import PredictOptions, predict  # noqa: E402
@@ -53,12 +52,9 @@ def main() -> None:
     p.add_argument("--scans", type=int, default=50)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--data", type=Path, help="an existing phantom folder (default: generate one)")
-    p.add_argument("--glibc-malloc", action="store_true",
-                   help="leave malloc's thresholds as glibc started (the CLI sets its own: noduledet.allocator)")
+    add_glibc_malloc_option(p)
     args = p.parse_args()
-    tuned = False if args.glibc_malloc else keep_freed_memory()  # as `noduledet predict` runs
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n"
-          f"malloc: {'the CLI thresholds' if tuned else 'glibc as started'}")
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n{malloc_line(args.glibc_malloc)}")  # as predict runs
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = args.data

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import batch  # noqa: E402
 from common import machine_line  # noqa: E402
 
-from noduledet.allocator import OPT_OUT, keep_freed_memory  # noqa: E402
+from noduledet.allocator import keep_freed_memory, user_settings  # noqa: E402
 from noduledet.config import Config  # noqa: E402
 from noduledet.fpr import cube_margin, fit  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
@@ -69,8 +69,8 @@ def child(tuned: bool, samples: int, steps: int) -> dict:
 
 
 def spawn(tuned: bool, samples: int, steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items()  # glibc's defaults in "before"
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    mine = user_settings(os.environ)  # not passed on: glibc's defaults in "before"
+    env = {k: v for k, v in os.environ.items() if k not in mine}
     args = [sys.executable, __file__, "--child", "tuned" if tuned else "default", "--samples", str(samples),
             "--steps", str(steps)]
     out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)

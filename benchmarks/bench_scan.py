@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line  # noqa: E402
+from common import add_glibc_malloc_option, machine_line, malloc_line  # noqa: E402
 
 from noduledet import checkpoint as ckpt_io  # noqa: E402
-from noduledet.allocator import keep_freed_memory  # noqa: E402
 from noduledet.data.cache import prepare  # noqa: E402
 from noduledet.data.ct import CTVolume, read_ct, write_ct  # noqa: E402
 from noduledet.data.luna16 import Findings, Luna16, write_findings  # noqa: E402
@@ -69,14 +68,11 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--cache-scans", type=int, default=4)
     p.add_argument("--no-quality", action="store_true", help="skip part 2")
-    p.add_argument("--glibc-malloc", action="store_true",
-                   help="leave malloc's thresholds as glibc started (the CLI sets its own: noduledet.allocator)")
+    add_glibc_malloc_option(p)
     args = p.parse_args()
     if not args.checkpoint.is_file():
         sys.exit(f"{args.checkpoint}: train it first (noduledet train configs/phantom-cpu.yaml)")
-    tuned = False if args.glibc_malloc else keep_freed_memory()  # as `noduledet predict` runs
-    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n"
-          f"malloc: {'the CLI thresholds' if tuned else 'glibc as started'}")
+    print(f"machine: {machine_line()}\nmodel: {args.checkpoint}\n{malloc_line(args.glibc_malloc)}")  # as predict runs
     shapes = shape_library()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -32,3 +32,16 @@ def machine_line() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}; threads {torch.get_num_threads()}; "
             f"GPU {gpu}")
+
+
+def add_glibc_malloc_option(parser) -> None:
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave malloc's thresholds as glibc started (the CLI sets its own: noduledet.allocator)")
+
+
+def malloc_line(glibc_malloc: bool) -> str:
+    """Set malloc's thresholds as the CLI does, unless ``glibc_malloc``; say which are in force."""
+    from noduledet.allocator import keep_freed_memory
+
+    tuned = False if glibc_malloc else keep_freed_memory()
+    return f"malloc: {'the CLI thresholds' if tuned else 'glibc as started'}"

@@ -36,7 +36,8 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _run(**env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != allocator.OPT_OUT}
+    mine = allocator.user_settings(os.environ)
+    clean = {k: v for k, v in os.environ.items() if k not in mine}
     out = subprocess.run([sys.executable, "-c", _SCRIPT], env={**clean, **env}, capture_output=True, text=True,
                          check=True)
     return out.stdout.split()

@@ -31,15 +31,20 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_ENV, _TRIM_ENV = "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"
 
 
+def user_settings(environ) -> list[str]:
+    """The names in ``environ`` by which the user decides malloc's thresholds (or opts out)."""
+    decide = {_MMAP_ENV: True, _TRIM_ENV: True, OPT_OUT: environ.get(OPT_OUT) == "0",
+              "GLIBC_TUNABLES": "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")}
+    return [name for name, yes in decide.items() if yes and name in environ]
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's thresholds for this process and, through the environment, for processes it starts.
 
     Returns True when they were set; False on another C library, when the user set them already or
     opted out (module docstring).
     """
-    if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "0"
-            or _MMAP_ENV in os.environ or _TRIM_ENV in os.environ
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+    if not sys.platform.startswith("linux") or user_settings(os.environ):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
