@@ -79,7 +79,7 @@ def test_classifier_scores_a_batch_and_every_parameter_learns():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in model.parameters())
     with torch.no_grad():
