@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,37 @@ def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsy
     assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no prepared cache here" in err
+
+
+def test_operating_points_by_hand():
+    from operating_points import realized
+
+    from noduledet.metrics.froc import ScanOutcome
+
+    validation = [ScanOutcome(np.array([0.95, 0.6]), np.array([0.9, 0.8])),
+                  ScanOutcome(np.array([-np.inf]), np.array([0.7, 0.2]))]
+    held_out = [ScanOutcome(np.array([0.85, 0.75]), np.array([0.8, 0.72, 0.1]))]
+    rows = realized(validation, held_out, rates=(1.0,))
+    # 1 FP/scan on two validation scans allows 2: the 2nd highest (0.8) passes one held-out false
+    # positive and the 0.85 nodule; just above the 3rd (0.7) passes 0.8 and 0.72 and both nodules
+    assert rows["calibrated"] == [{"rate": 1.0, "threshold": 0.8, "fp_per_scan": 1.0, "sensitivity": 0.5}]
+    assert rows["lowest"][0]["fp_per_scan"] == 2.0 and rows["lowest"][0]["sensitivity"] == 1.0
+
+
+def test_operating_points_on_a_trained_run(trained, phantom_cache, capsys):
+    from operating_points import main
+
+    assert main(["--checkpoint", str(trained / "best.pt"), str(trained / "best.pt"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split("|") for line in out.splitlines() if line.startswith(("| calibrated", "| lowest"))]
+    assert len(table) == 2 and all(len(row) == 7 for row in table)
+    assert all(" ± 0.00 " in cell for row in table for cell in row[2:6])  # the same run twice: no spread
+    calibrated = [float(cell.split("±")[0]) for cell in table[0][2:6]]
+    lowest = [float(cell.split("±")[0]) for cell in table[1][2:6]]
+    assert calibrated == sorted(calibrated) and all(c <= w for c, w in zip(calibrated, lowest))
+    assert main(["--checkpoint", str(trained / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.pt" in err
 
 
 def test_training_benchmark_compares_the_same_work_before_and_after():

@@ -11,7 +11,7 @@ from noduledet.config import Config, EvalConfig
 from noduledet.data.patches import extract_patches, patch_offsets
 from noduledet.fpr import augment_cube, zoom_shift
 from noduledet.geometry import Geometry
-from noduledet.metrics.froc import ScanOutcome, at_thresholds, sensitivity_by_size, thresholds_at
+from noduledet.metrics.froc import ScanOutcome, at_thresholds, calibrated_thresholds, sensitivity_by_size, thresholds_at
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D, _HalvingMaxPool
 from tests.conftest import flipped_xy
 
@@ -146,6 +146,41 @@ def test_operating_thresholds_by_hand():
     rows = at_thresholds(outcomes, t)
     assert [r["fp_per_scan"] for r in rows] == [0.5, 1.0, 2.0, 2.0]
     assert [r["sensitivity"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_calibrated_thresholds_by_hand():
+    # the scans of the test above: false positives 0.9, 0.8 | 0.7, 0.2; nodules 0.95, 0.6 | missed
+    outcomes = [ScanOutcome(np.array([0.95, 0.6]), np.array([0.9, 0.8])),
+                ScanOutcome(np.array([-np.inf]), np.array([0.7, 0.2]))]
+    # 1/2 FP/scan allows 1 of the 4: the highest's probability, 0.9; 1 allows 2: 0.8; 2 allows
+    # all 4: the lowest's, 0.2; 4 allows 8 of 4: every candidate
+    t = calibrated_thresholds(outcomes, (0.5, 1.0, 2.0, 4.0))
+    assert t == [0.9, 0.8, 0.2, 0.0]
+    rows = at_thresholds(outcomes, t)  # here as many pass as with thresholds_at's
+    assert [r["fp_per_scan"] for r in rows] == [0.5, 1.0, 2.0, 2.0]
+    assert [r["sensitivity"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
+    # 1/2 FP/scan on one scan allows none: just above the highest
+    one = calibrated_thresholds(outcomes[:1], (0.5,))[0]
+    assert one > 0.9 and one == pytest.approx(0.9)
+    assert calibrated_thresholds([ScanOutcome(np.array([0.5]), np.zeros(0))], (1.0,)) == [0.0]
+    # probabilities that tie (a saturated sigmoid): never more than k pass
+    tied = calibrated_thresholds([ScanOutcome(np.zeros(0), np.array([1.0, 1.0, 0.3]))], (1.0, 2.0, 3.0))
+    assert tied[0] > 1.0 and tied[1:] == [1.0, 0.3]
+
+
+def test_calibrated_thresholds_expect_the_rate_on_new_scans():
+    # four validation scans of 50 false positives each, probabilities uniform on (0, 1): a new
+    # scan's 50 pass a threshold t 50 (1 - t) times on average. Over 2000 validation draws the
+    # calibrated 1-FP threshold (the 4th highest of 200) expects 50 x 4 / 201 = 0.995 per new
+    # scan; thresholds_at's (just above the 5th) 50 x 5 / 201 = 1.244, a quarter too many
+    rng = np.random.default_rng(0)
+    new, lowest = [], []
+    for _ in range(2000):
+        val = [ScanOutcome(np.zeros(0), rng.random(50)) for _ in range(4)]
+        new.append(50 * (1 - calibrated_thresholds(val, (1.0,))[0]))
+        lowest.append(50 * (1 - thresholds_at(val, (1.0,))[0]))
+    assert np.mean(new) == pytest.approx(50 * 4 / 201, abs=0.04)
+    assert np.mean(lowest) == pytest.approx(50 * 5 / 201, abs=0.04)
 
 
 def test_sensitivity_by_size_by_hand():

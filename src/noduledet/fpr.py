@@ -16,8 +16,8 @@
    (``stage2.synthetic``) get a synthetic nodule (then a nodule cube) or vessel (a false positive)
    pasted in (``noduledet.data.lesions``): nodules and vessels of every size and kind, not only
    the few dozen that the training scans hold;
-4. both stages run over the validation scans; the thresholds giving 1/2, 1, 2 and 4 false
-   positives per scan there are the operating points.
+4. both stages run over the validation scans; the thresholds expected to give 1/2, 1, 2 and 4
+   false positives per new scan, read off them (``calibrated_thresholds``), are the operating points.
 
 The classifier and the operating points are saved into ``best.pt`` and ``last.pt``. Randomness
 comes from the run's seed alone, so a run interrupted here and resumed ends the same.
@@ -42,7 +42,8 @@ from noduledet.data.dataset import vessel_like
 from noduledet.data.lesions import paste_nodule, paste_vessel, pasteable
 from noduledet.data.luna16 import Findings
 from noduledet.data.patches import extract_patches, linear_weights, resample_separable
-from noduledet.metrics.froc import OPERATING_RATES, froc_curve, hits, scan_outcome, sensitivities_at, thresholds_at
+from noduledet.metrics.froc import (OPERATING_RATES, calibrated_thresholds, froc_curve, hits, scan_outcome,
+                                     sensitivities_at)
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
 from noduledet.pipeline import Pipeline
 from noduledet.progress import track
@@ -184,19 +185,26 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
 PASTE = {1: paste_nodule, 0: paste_vessel}
 
 
-def calibrate(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict:
-    """Both stages over ``uids``: the thresholds giving ``OPERATING_RATES`` false positives per
-    scan, and the CPM of stage one alone and of both stages there."""
+def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> tuple[list, list]:
+    """Each scan's ``ScanOutcome`` (FROC rules) of stage one alone and of both stages."""
     one, both = [], []
     for uid in track(progress, uids):
         nodules, excluded = scan_findings(cache, uid)
         result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
-        for outcomes, cands in ((one, result.stage1), (both, result.candidates)):
+        for scored, cands in ((one, result.stage1), (both, result.candidates)):
             table = Findings(np.array([uid] * len(cands), dtype=str),
                              np.array([c.world_xyz for c in cands], dtype=float).reshape(-1, 3),
                              np.array([c.probability for c in cands], dtype=float))
-            outcomes.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
-    return {"fp_rates": list(OPERATING_RATES), "thresholds": thresholds_at(both), "scans": len(uids),
+            scored.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
+    return one, both
+
+
+def calibrate(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict:
+    """Both stages over ``uids``: the thresholds expected to give ``OPERATING_RATES`` false
+    positives per new scan (``calibrated_thresholds``), and the CPM of stage one alone and of
+    both stages there."""
+    one, both = stage_outcomes(pipeline, cache, uids, progress)
+    return {"fp_rates": list(OPERATING_RATES), "thresholds": calibrated_thresholds(both), "scans": len(uids),
             "cpm_stage1": float(sensitivities_at(*froc_curve(one)).mean()),
             "cpm": float(sensitivities_at(*froc_curve(both)).mean())}
 

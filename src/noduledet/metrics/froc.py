@@ -12,7 +12,8 @@
   linear interpolation; CPM is their mean. 95% intervals come from bootstrapping scans.
 
 Beside the curve: the probability thresholds that give a chosen number of false positives per
-scan (``thresholds_at``: the operating points a reader is given) and the sensitivity for
+scan, on the scans measured (``thresholds_at``) and expected on new scans from validation scans
+(``calibrated_thresholds``: the operating points a reader is given), and the sensitivity for
 nodules of each size at such thresholds (``sensitivity_by_size``: small nodules are where a 2D
 detector fails).
 """
@@ -128,6 +129,31 @@ def thresholds_at(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[fl
     for rate in rates:
         k = int(np.floor(rate * len(outcomes) + 1e-9))  # false positives allowed in all
         out.append(float(np.nextafter(fps[k], np.inf)) if k < len(fps) else 0.0)
+    return out
+
+
+def calibrated_thresholds(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[float]:
+    """For each rate, a threshold for new scans, read off these (validation) scans: the
+    probability of their k-th most probable false positive, k = ``rate`` x scans, which passes k
+    of them here (k = 0: just above the highest; the (k+1)-th as probable as the k-th: just above
+    both; fewer than k: 0.0, every candidate).
+
+    Every threshold from just above the (k+1)-th to the k-th passes k false positives here. On a
+    new scan whose N' false positives score like these N, one of them passes the k-th of N with
+    probability k / (N + 1) and just above the (k+1)-th with (k + 1) / (N + 1): the k-th expects
+    ``rate`` x N / (N + 1) per scan there, the lowest (``thresholds_at``, right for reading a
+    curve off the scans it was measured on) one false positive more per ``len(outcomes)`` scans,
+    0.25 per scan from four validation scans."""
+    fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
+    out = []
+    for rate in rates:
+        k = int(np.floor(rate * len(outcomes) + 1e-9))
+        if k > len(fps) or not len(fps):
+            out.append(0.0)
+        elif k and (k == len(fps) or fps[k] < fps[k - 1]):
+            out.append(float(fps[k - 1]))
+        else:  # k = 0, or the (k+1)-th ties with the k-th: just above them, passing fewer than k
+            out.append(float(np.nextafter(fps[max(k - 1, 0)], np.inf)))
     return out
 
 
