@@ -11,8 +11,8 @@ two rules, and prints the false positives per held-out scan and the sensitivity 
 - ``lowest``: just above the (k+1)-th, the lowest threshold passing k there (``thresholds_at``,
   what training stored before).
 
-Both pass k validation false positives; the second expects one more per validation set on new
-scans. With several checkpoints (seeds), the mean and std over them follow::
+Both pass k = floor(R x validation scans) validation false positives (fewer on ties); the second
+expects one more per validation set on new scans. With several checkpoints (seeds), the mean and std over them follow::
 
     python benchmarks/operating_points.py --checkpoint runs/s0/best.pt runs/s1/best.pt runs/s2/best.pt
 """

@@ -134,16 +134,16 @@ def thresholds_at(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[fl
 
 def calibrated_thresholds(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[float]:
     """For each rate, a threshold for new scans, read off these (validation) scans: the
-    probability of their k-th most probable false positive, k = ``rate`` x scans, which passes k
-    of them here (k = 0: just above the highest; the (k+1)-th as probable as the k-th: just above
-    both; fewer than k: 0.0, every candidate).
+    probability of their k-th most probable false positive, k = floor(``rate`` x scans), which
+    passes k of them here (k = 0: just above the highest; the (k+1)-th as probable as the k-th:
+    just above both, passing fewer; fewer than k: 0.0, every candidate).
 
-    Every threshold from just above the (k+1)-th to the k-th passes k false positives here. On a
-    new scan whose N' false positives score like these N, one of them passes the k-th of N with
-    probability k / (N + 1) and just above the (k+1)-th with (k + 1) / (N + 1): the k-th expects
-    ``rate`` x N / (N + 1) per scan there, the lowest (``thresholds_at``, right for reading a
-    curve off the scans it was measured on) one false positive more per ``len(outcomes)`` scans,
-    0.25 per scan from four validation scans."""
+    Every threshold from just above the (k+1)-th to the k-th passes k false positives here. A new
+    scan's false positive that scores like these N passes the k-th with probability k / (N + 1)
+    and just above the (k+1)-th with (k + 1) / (N + 1); with about N / scans false positives per
+    new scan, as here, the k-th expects k / scans x N / (N + 1) per scan (``rate`` when rate x
+    scans is whole), the lowest (``thresholds_at``, right for reading a curve off the scans it was
+    measured on) one more per ``len(outcomes)`` scans: 0.25 per scan from four validation scans."""
     fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
     out = []
     for rate in rates:
