@@ -12,7 +12,8 @@ two rules, and prints the false positives per held-out scan and the sensitivity 
   what training stored before).
 
 Both pass k = floor(R x validation scans) validation false positives (fewer on ties); the second
-expects one more per validation set on new scans. With several checkpoints (seeds), the mean and std over them follow::
+expects one more per validation set on new scans. With several checkpoints (seeds), the mean
+and std over them follow::
 
     python benchmarks/operating_points.py --checkpoint runs/s0/best.pt runs/s1/best.pt runs/s2/best.pt
 """
