@@ -45,7 +45,7 @@ from noduledet.data.patches import extract_patches, linear_weights, resample_sep
 from noduledet.metrics.froc import (OPERATING_RATES, calibrated_thresholds, froc_curve, hits, scan_outcome,
                                      sensitivities_at)
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
-from noduledet.pipeline import Pipeline
+from noduledet.pipeline import Pipeline, candidates_table
 from noduledet.progress import track
 from noduledet.runfolder import RunFolder
 from noduledet.staging import write_json
@@ -192,9 +192,7 @@ def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progr
         nodules, excluded = scan_findings(cache, uid)
         result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
         for scored, cands in ((one, result.stage1), (both, result.candidates)):
-            table = Findings(np.array([uid] * len(cands), dtype=str),
-                             np.array([c.world_xyz for c in cands], dtype=float).reshape(-1, 3),
-                             np.array([c.probability for c in cands], dtype=float))
+            table = candidates_table({uid: cands})
             scored.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
     return one, both
 

@@ -121,15 +121,18 @@ def sensitivities_at(fps: np.ndarray, sens: np.ndarray, rates=FP_RATES) -> np.nd
     return np.interp(np.asarray(rates), fps, sens)
 
 
+def _allowed(outcomes: list[ScanOutcome], rates) -> tuple[np.ndarray, list[int]]:
+    """The false positives' probabilities, most probable first, and per rate how many of them
+    ``rate`` false positives per scan allow over all the scans."""
+    fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
+    return fps, [int(np.floor(rate * len(outcomes) + 1e-9)) for rate in rates]
+
+
 def thresholds_at(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[float]:
     """For each rate, the lowest probability threshold at which the candidates scoring at least
     that much hold no more than ``rate`` false positives per scan (0.0: every candidate)."""
-    fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
-    out = []
-    for rate in rates:
-        k = int(np.floor(rate * len(outcomes) + 1e-9))  # false positives allowed in all
-        out.append(float(np.nextafter(fps[k], np.inf)) if k < len(fps) else 0.0)
-    return out
+    fps, allowed = _allowed(outcomes, rates)
+    return [float(np.nextafter(fps[k], np.inf)) if k < len(fps) else 0.0 for k in allowed]
 
 
 def calibrated_thresholds(outcomes: list[ScanOutcome], rates=OPERATING_RATES) -> list[float]:
@@ -144,10 +147,9 @@ def calibrated_thresholds(outcomes: list[ScanOutcome], rates=OPERATING_RATES) ->
     new scan, as here, the k-th expects k / scans x N / (N + 1) per scan (``rate`` when rate x
     scans is whole), the lowest (``thresholds_at``, right for reading a curve off the scans it was
     measured on) one more per ``len(outcomes)`` scans: 0.25 per scan from four validation scans."""
-    fps = np.sort(np.concatenate([o.fp_probs for o in outcomes]) if outcomes else np.zeros(0))[::-1]
+    fps, allowed = _allowed(outcomes, rates)
     out = []
-    for rate in rates:
-        k = int(np.floor(rate * len(outcomes) + 1e-9))
+    for k in allowed:
         if k > len(fps) or not len(fps):
             out.append(0.0)
         elif k and (k == len(fps) or fps[k] < fps[k - 1]):
