@@ -151,9 +151,10 @@ class Pipeline:
             timings["merge_3d_s"] = time.perf_counter() - t
         stage1 = candidates[: s.max_candidates]
         spots: list[Candidate] = []
-        if self.classifier is not None and region.lung_slices and self.config.stage2.blobs:
+        s2 = self.config.stage2
+        if self.classifier is not None and region.lung_slices and (s2.blobs or s2.pleural):
             t = time.perf_counter()
-            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, self.config.stage2.blobs, candidates)]
+            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, s2.blobs, candidates, pleural=s2.pleural)]
             timings["blobs_s"] = time.perf_counter() - t
         if self.classifier is not None and (candidates or spots):
             t = time.perf_counter()
