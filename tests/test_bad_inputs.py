@@ -692,12 +692,6 @@ def config_negative_blobs(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
-@_case(CONFIGS, r"stage2\.pleural=-2; it must be 0 \(none\) or more")
-def config_negative_pleural_spots(d):
-    (d / "c.yaml").write_text("stage2:\n  pleural: -2\n")
-    return [d / "c.yaml"], d / "c.yaml"
-
-
 @_case(CONFIGS, r"stage2\.flips_top=-4; it must be 0 \(none\) or more")
 def config_negative_flips(d):
     (d / "c.yaml").write_text("stage2:\n  flips_top: -4\n")

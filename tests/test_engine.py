@@ -183,11 +183,10 @@ def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes
     from noduledet import checkpoint
 
     stage2 = checkpoint.load(trained / "best.pt").config.stage2
-    assert (stage2.blobs, stage2.pleural, stage2.flips_top, stage2.synthetic) == (
-        50, 30, 32, Stage2Config.synthetic)  # the defaults, stored
+    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (50, 32, Stage2Config.synthetic)  # the defaults, stored
     raw = torch.load(trained / "best.pt", weights_only=True)
-    for key in ("blobs", "pleural", "flips_top", "synthetic"):
+    for key in ("blobs", "flips_top", "synthetic"):
         del raw["config"]["stage2"][key]
     torch.save(raw, tmp_path / "old.pt")
     stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
-    assert (stage2.blobs, stage2.pleural, stage2.flips_top, stage2.synthetic) == (0, 0, 0, 0.0)
+    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, 0.0)

@@ -56,12 +56,12 @@ def test_pasting_near_the_border_stays_inside_the_cube():
     assert out.shape == (10, 10, 10) and out.max() > -700
 
 
-def test_cubes_whose_centre_is_a_quarter_lung_take_a_nodule_the_chest_wall_not():
+def test_only_cubes_whose_centre_is_mostly_lung_take_a_nodule():
     cubes = np.full((3, 20, 20, 20), -850, dtype=np.int16)
     cubes[1] = 40  # chest wall
-    cubes[2, :, :, 7:] = 40  # the pleura beside the centre: 20% of the central 10 mm is lung
+    cubes[2, :, :, 9:] = 40  # the pleura through the centre: 40% of the central 10 mm is lung
     np.testing.assert_array_equal(pasteable(cubes, 10.0, 1.0), [True, False, False])
-    cubes[2, :, :, 7] = -850  # 30%: a nodule pasted there sits on the pleura
+    cubes[2, :, :, 9] = -850  # 50%
     assert pasteable(cubes, 10.0, 1.0)[2]
 
 

@@ -204,7 +204,7 @@ def test_pipeline_rescores_with_the_second_stage():
             return torch.full((len(x),), -1.0)  # sigmoid 0.269
 
     constant = Constant(ClassifierSpec(size=8, width=4))
-    cfg = Config(stage2=replace(Config().stage2, pleural=0))  # the box-shaped lungs' corners would be pleural spots
+    cfg = Config()
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
     one = Pipeline(detector, EvalConfig(), cfg).run_volume(volume)
     both = Pipeline(detector, EvalConfig(), cfg, classifier=constant).run_volume(volume)
@@ -226,7 +226,7 @@ def test_pipeline_rescores_with_the_second_stage():
     c = found.candidates[0]
     assert np.linalg.norm(c.world_xyz - world) < 1.0 and c.stage1 == 0.0
     assert c.probability == pytest.approx(1 / (1 + np.e))  # the classifier's alone: stage one never proposed it
-    off = Config(stage2=replace(cfg.stage2, blobs=0, pleural=0))
+    off = Config(stage2=replace(cfg.stage2, blobs=0))
     assert not Pipeline(detector, blind, off, classifier=constant).run_volume(volume).candidates
 
 

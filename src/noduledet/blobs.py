@@ -21,16 +21,6 @@ any scan:
    nodules on the pleura stay in) are dropped, and of spots closer together than the larger
    one's radius the stronger is kept.
 
-A nodule on the pleura is a bump on a wall: the chest wall beside it flattens two of its
-eigenvalues, so it scores like a plate and falls behind hundreds of spots. The pleural spots
-(``pleural`` of them) answer that the way classical CAD keeps such nodules in its lung masks:
-the lungs' air (HU < -400, on the same grid) is closed by a ball of ``PLEURA_BALL_MM`` (a
-dilation and an erosion, by distance transforms on a grid of about 2 mm), which fills the bumps
-on the lung's surface; outside that envelope the volume is replaced by the lungs' own median
-HU, so the chest wall vanishes and a bump becomes a dome standing on parenchyma; steps 2-3 run
-on that volume, and the maxima within ``PLEURA_NEAR_MM`` of the envelope are kept (deeper ones
-are the same spots as before).
-
 On a 512x512x300 scan this takes a few seconds (docs/benchmarks.md). The spots join stage one's
 candidates before stage two; their own stage-one probability is 0.
 """
@@ -44,16 +34,13 @@ import torch
 from scipy import ndimage
 
 from noduledet.data.ct import CTVolume
-from noduledet.data.lung import AIR_HU, segment_lungs
+from noduledet.data.lung import segment_lungs
 from noduledet.geometry import Geometry
 from noduledet.merge import Candidate
 
 SIGMAS_MM = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # each 1.4 times the last
 MIN_RESPONSE_HU = 20.0  # a difference-of-Gaussians peak weaker than this is texture
 LUNG_DILATION_MM = 6.0
-PLEURA_BALL_MM = 10.0  # the closing's ball radius: fills bumps up to about 15 mm across on the lung's surface
-PLEURA_NEAR_MM = 8.0  # pleural spots this close to the closed lungs' envelope are kept
-PLEURA_GRID_MM = 2.0  # the closing runs on a grid about this coarse (the envelope, not the detail)
 
 
 def _hessian_dot(smooth: np.ndarray, points: np.ndarray, sigma: float) -> np.ndarray:
@@ -120,23 +107,10 @@ def _maximum_3x3x3(volume: np.ndarray) -> np.ndarray:
 def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blob centres of a volume as continuous voxel indices of ``hu`` (K, 3), their scores and
     radii in mm, strongest first (steps 1-3 of the module docstring; no lung mask, no merging)."""
-    grid, to_voxel = _to_grid(hu, spacing_zyx, grid_mm)
-    at, score, radius = _grid_points(grid, grid_mm)
-    return at * to_voxel, score, radius
-
-
-def _to_grid(hu: np.ndarray, spacing_zyx, grid_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """HU clipped to [-1000, 150] on an isotropic ``grid_mm`` grid (step 1), and the (z, y, x)
-    factors that take grid indices back to voxel indices of ``hu``."""
     factor = np.asarray(spacing_zyx, dtype=float) / grid_mm
     grid = _zoom_linear(np.clip(np.asarray(hu, dtype=np.float32), -1000, 150), factor)
     # zoom puts the first and last samples of each axis on the first and last voxels
-    return grid, (np.array(np.shape(hu)) - 1) / np.maximum(np.array(grid.shape) - 1, 1)
-
-
-def _grid_points(grid: np.ndarray, grid_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Blob centres of an isotropic grid as continuous grid indices, their scores and radii in
-    mm, strongest first (steps 2-3)."""
+    to_voxel = (np.array(np.shape(hu)) - 1) / np.maximum(np.array(grid.shape) - 1, 1)
     ratio = SIGMAS_MM[1] / SIGMAS_MM[0]
     points, scores, radii = [], [], []
 
@@ -166,7 +140,7 @@ def _grid_points(grid: np.ndarray, grid_mm: float) -> tuple[np.ndarray, np.ndarr
     at, score, radius = np.concatenate(points), np.concatenate(scores), np.concatenate(radii)
     keep = score > 0
     order = np.argsort(-score[keep], kind="stable")
-    return at[keep][order], score[keep][order], radius[keep][order]
+    return at[keep][order] * to_voxel, score[keep][order], radius[keep][order]
 
 
 def suppress(world: np.ndarray, radius: np.ndarray, count: int, taken: np.ndarray | None = None,
@@ -187,66 +161,30 @@ def suppress(world: np.ndarray, radius: np.ndarray, count: int, taken: np.ndarra
     return kept
 
 
-def _pleural_points(grid: np.ndarray, grid_mm: float, lung_near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centres (continuous grid indices) and radii in mm of the pleural spots of an isotropic HU
-    grid, strongest first (module docstring); ``lung_near`` (bool, the grid's shape) is where
-    the lungs may be."""
-    step = max(1, int(round(PLEURA_GRID_MM / grid_mm)))
-    air = ((grid < AIR_HU) & lung_near)[::step, ::step, ::step]
-    if not air.any():
-        return np.zeros((0, 3)), np.zeros(0)
-    ball = PLEURA_BALL_MM / (step * grid_mm)  # in voxels of the coarse grid
-    pad = int(np.ceil(ball)) + 1  # room outside, so that the array's edge does not stop the erosion
-    dilated = ndimage.distance_transform_edt(~np.pad(air, pad)) <= ball
-    closed = ndimage.distance_transform_edt(dilated) > ball
-    depth_mm = ndimage.distance_transform_edt(closed)[pad:-pad, pad:-pad, pad:-pad] * step * grid_mm
-    closed = closed[pad:-pad, pad:-pad, pad:-pad]
-    nearest = [np.minimum(np.round(np.arange(n) / step).astype(int), m - 1) for n, m in zip(grid.shape, closed.shape)]
-    parenchyma = float(np.median(grid[::step, ::step, ::step][air]))
-    at, _, radius = _grid_points(np.where(closed[np.ix_(*nearest)], grid, parenchyma).astype(np.float32), grid_mm)
-    cell = np.minimum(np.round(at / step).astype(int), np.array(closed.shape) - 1)
-    keep = closed[tuple(cell.T)] & (depth_mm[tuple(cell.T)] < PLEURA_NEAR_MM)
-    return at[keep], radius[keep]
-
-
 def find_blobs(hu: np.ndarray, geometry: Geometry, count: int, taken: list[Candidate] = (),
-               grid_mm: float = 1.0, pleural: int = 0) -> list[Candidate]:
-    """Up to ``count`` blob candidates in the lungs of a scan region, strongest first, then up
-    to ``pleural`` pleural spots (module docstring), none on a spot already ``taken`` (stage
-    one's candidates) or on one before it. Voxel indices in the region's frame."""
-    if count <= 0 and pleural <= 0:
+               grid_mm: float = 1.0) -> list[Candidate]:
+    """Up to ``count`` blob candidates in the lungs of a scan region, strongest first, none on a
+    spot already ``taken`` (stage one's candidates). Voxel indices in the region's frame."""
+    if count <= 0:
         return []
     hu = np.asarray(hu)
     lungs = segment_lungs(CTVolume(hu, geometry))
     if lungs.empty:
         return []
     sx, sy, sz = geometry.spacing
-    grid, to_voxel = _to_grid(hu, (sz, sy, sx), grid_mm)
+    at, score, radius = blob_points(hu, (sz, sy, sx), grid_mm)
     block = np.array(lungs.block)
     reach = max(1, int(round(LUNG_DILATION_MM / float(np.mean(block * [sz, sy, sx])))))
     near_lung = ndimage.binary_dilation(lungs.coarse, iterations=reach)
-
-    def cell(voxel: np.ndarray, axis: int) -> np.ndarray:  # the coarse mask's cell along an axis
-        return np.clip((voxel / block[axis]).astype(int), 0, near_lung.shape[axis] - 1)
-
-    sources = []
-    if count > 0:
-        at, _, radius = _grid_points(grid, grid_mm)
-        at = at * to_voxel
-        inside = near_lung[tuple(cell(at[:, k], k) for k in range(3))]
-        sources.append((at[inside], radius[inside], count))
-    if pleural > 0:
-        lung_near = near_lung[np.ix_(*(cell(np.arange(n) * to_voxel[k], k) for k, n in enumerate(grid.shape)))]
-        at, radius = _pleural_points(grid, grid_mm, lung_near)
-        sources.append((at * to_voxel, radius, pleural))
+    coarse = np.clip((at / block).astype(int), 0, np.array(near_lung.shape) - 1)
+    inside = near_lung[tuple(coarse.T)]
+    at, score, radius = at[inside], score[inside], radius[inside]
+    world = geometry.voxel_to_world(at).reshape(-1, 3)
     taken_world = np.array([c.world_xyz for c in taken]).reshape(-1, 3)
     taken_radius = np.array([c.diameter_mm / 2 for c in taken])
     out = []
-    for at, radius, n in sources:
-        world = geometry.voxel_to_world(at).reshape(-1, 3)
-        for i in suppress(world, radius, n, taken_world, taken_radius):
-            half = int(np.ceil(radius[i] / sz))
-            z = int(round(at[i][0]))
-            out.append(Candidate(at[i], world[i], 0.0, float(2 * radius[i]), 0, (z - half, z + half), []))
-            taken_world, taken_radius = np.vstack([taken_world, world[i]]), np.append(taken_radius, radius[i])
+    for i in suppress(world, radius, count, taken_world, taken_radius):
+        half = int(np.ceil(radius[i] / sz))
+        z = int(round(at[i][0]))
+        out.append(Candidate(at[i], world[i], 0.0, float(2 * radius[i]), 0, (z - half, z + half), []))
     return out

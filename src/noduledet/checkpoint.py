@@ -103,9 +103,9 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
         raise UserError(f"{path}: checkpoint format {found}, this noduledet {__version__} reads format {FORMAT}; "
                         f"retrain with this version (noduledet train)")
     stage2 = raw["config"].get("stage2") if isinstance(raw["config"], dict) else None
-    if isinstance(stage2, dict):  # trained before the blob filter, its pleural spots, the flips or the synthetic cubes:
+    if isinstance(stage2, dict):  # trained before the blob filter, the flips or the synthetic cubes:
         # it goes on without them, its operating points calibrated as it scores
-        raw["config"]["stage2"] = {"blobs": 0, "pleural": 0, "flips_top": 0, "synthetic": 0.0, **stage2}
+        raw["config"]["stage2"] = {"blobs": 0, "flips_top": 0, "synthetic": 0.0, **stage2}
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
                       list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)

@@ -107,7 +107,6 @@ class Stage2Config:
     enabled: bool = True
     candidates: int = 300  # stage one's most probable candidates that stage two scores (then max_candidates kept)
     blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them; 0: none
-    pleural: int = 30  # and this many of its spots on the pleura (the lungs closed by a ball; noduledet.blobs); 0: none
     size: int = 24  # patch edge in voxels ...
     spacing_mm: float = 1.0  # ... of this size (a 24 mm cube; 1.25 mm found fewer small nodules, docs/results.md)
     width: int = 16  # channels of the classifier's first layer
@@ -174,7 +173,7 @@ def _check_choices(cfg: Config, source: str) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
-    for name in ("blobs", "pleural", "flips_top"):
+    for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
     if not 0 <= cfg.stage2.synthetic <= 1:

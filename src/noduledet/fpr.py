@@ -76,8 +76,8 @@ def vessel_spots(cache: SliceCache, uid: str, count: int, rng: np.random.Generat
 
 
 def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, spots: int = 8,
-         blobs: int = 0, pleural: int = 0, progress=None) -> list[dict]:
-    """Stage one's candidates on ``uids`` and ``blobs`` (and ``pleural``) spots of the blob filter, with their labels
+         blobs: int = 0, progress=None) -> list[dict]:
+    """Stage one's candidates on ``uids`` and ``blobs`` spots of the blob filter, with their labels
     (1 nodule, 0 false positive), every annotated nodule (1) and ``spots`` vessel-like spots per
     scan (0): {"uid", "world_xyz", "label"}."""
     items = []
@@ -86,7 +86,7 @@ def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, 
         hu, g = cache.volume(uid), cache.geometry(uid)
         result = pipeline.run(hu, g, cache.region(uid))
         found = [c.world_xyz for c in result.candidates]
-        found += [c.world_xyz for c in find_blobs(hu, g, blobs, result.candidates, pleural=pleural)]
+        found += [c.world_xyz for c in find_blobs(hu, g, blobs, result.candidates)]
         points = found + list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
         for i, xyz in enumerate(points):
             on_nodule = bool(hits(xyz, nodules).any())
@@ -216,8 +216,7 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     if not mined.is_file():  # the slow part, kept for a resumed run
         t = time.perf_counter()
         miner = Pipeline(stage1.detector, replace(stage1.settings, max_candidates=s.candidates), stage1.config)
-        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, blobs=s.blobs, pleural=s.pleural,
-                                     progress=progress))
+        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, blobs=s.blobs, progress=progress))
         if log:
             log(f"stage 2: stage one ran over {len(splits['train'])} training scans in {time.perf_counter() - t:.0f} s")
     items = json.loads(mined.read_text())

@@ -151,10 +151,9 @@ class Pipeline:
             timings["merge_3d_s"] = time.perf_counter() - t
         stage1 = candidates[: s.max_candidates]
         spots: list[Candidate] = []
-        s2 = self.config.stage2
-        if self.classifier is not None and region.lung_slices and (s2.blobs or s2.pleural):
+        if self.classifier is not None and region.lung_slices and self.config.stage2.blobs:
             t = time.perf_counter()
-            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, s2.blobs, candidates, pleural=s2.pleural)]
+            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, self.config.stage2.blobs, candidates)]
             timings["blobs_s"] = time.perf_counter() - t
         if self.classifier is not None and (candidates or spots):
             t = time.perf_counter()

@@ -7,9 +7,8 @@ solid, part-solid or ground glass, with a partial-volume edge and the blur of a 
 blends it into the cube of one of stage one's false positives near the centre: plain parenchyma, a
 vessel or a fissure becomes a nodule beside it. The nodules are deliberately generic (no outline
 from a phantom or from LIDC) so that what the classifier learns from them carries over to other
-data. ``pasteable`` keeps the cubes whose centre is at least a quarter lung: one on the pleura
-takes a nodule that then stands on the wall (juxtapleural), while a solid nodule drawn into the
-chest wall would be invisible and teach the classifier that soft tissue is a nodule.
+data. ``pasteable`` keeps the cubes whose centre is mostly lung: a solid nodule drawn into the chest
+wall would be invisible and teach the classifier that soft tissue is a nodule.
 """
 
 from __future__ import annotations
@@ -20,17 +19,15 @@ from scipy import ndimage
 DIAMETERS_MM = (3.0, 20.0)  # log-uniform between: as many 3-6 mm nodules as 6-12 mm ones
 KINDS = {"solid": 0.7, "part-solid": 0.15, "ground-glass": 0.15}
 VESSEL_RADII_MM = (1.0, 6.0)  # log-uniform: from the thinnest a candidate sits on to the hilar trunks
-LUNG_HU = -500.0  # a cube is pasteable when at least LUNG_FRACTION of its centre is below this
-LUNG_FRACTION = 0.25  # a quarter: a centre on the pleura takes one too (a nodule on the wall), the chest wall not
+LUNG_HU = -500.0  # a cube is pasteable when at least half its centre is below this
 
 
 def pasteable(cubes: np.ndarray, centre_mm: float, spacing_mm: float) -> np.ndarray:
-    """(N,) bool: the cubes (N, S, S, S) of HU whose central ``centre_mm`` cube is at least
-    ``LUNG_FRACTION`` lung."""
+    """(N,) bool: the cubes (N, S, S, S) of HU whose central ``centre_mm`` cube is at least half lung."""
     s = cubes.shape[1]
     half = max(1, int(round(centre_mm / spacing_mm / 2)))
     core = cubes[:, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half]
-    return (core < LUNG_HU).reshape(len(cubes), -1).mean(axis=1) >= LUNG_FRACTION
+    return (core < LUNG_HU).reshape(len(cubes), -1).mean(axis=1) >= 0.5
 
 
 def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | None = None,
