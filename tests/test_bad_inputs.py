@@ -710,12 +710,6 @@ def config_synthetic_over_one(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
-@_case(CONFIGS, r"stage2\.hard=-0\.1; it must be a fraction from 0 \(none\) to 1")
-def config_hard_below_zero(d):
-    (d / "c.yaml").write_text("stage2:\n  hard: -0.1\n")
-    return [d / "c.yaml"], d / "c.yaml"
-
-
 @_case(CONFIGS, "no such config file")
 def config_missing(d):
     return [d / "nope.yaml"], d / "nope.yaml"

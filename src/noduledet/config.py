@@ -119,7 +119,6 @@ class Stage2Config:
     scale: float = 0.15  # ... and zoom by up to this fraction, in or out
     combine: str = "stage2"  # the final probability: stage2 (the classifier's alone) | mean (of both stages) | product
     flips_top: int = 32  # the classifier's most probable this many per scan get the mean over 8 flips of their cube; 0: none
-    hard: float = 0.0  # from the middle epoch on, this fraction of the negatives drawn in proportion to the classifier's probability
 
 
 @dataclass
@@ -177,9 +176,8 @@ def _check_choices(cfg: Config, source: str) -> None:
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
-    for name in ("synthetic", "hard"):
-        if not 0 <= getattr(cfg.stage2, name) <= 1:
-            raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be a fraction from 0 (none) to 1")
+    if not 0 <= cfg.stage2.synthetic <= 1:
+        raise UserError(f"{source}: stage2.synthetic={cfg.stage2.synthetic}; it must be a fraction from 0 (none) to 1")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

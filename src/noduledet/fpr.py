@@ -15,9 +15,7 @@
    the training scans lack), HU gain and offset, and noise; a fraction of the cubes
    (``stage2.synthetic``) get a synthetic nodule (then a nodule cube) or vessel (a false positive)
    pasted in (``noduledet.data.lesions``): nodules and vessels of every size and kind, not only
-   the few dozen that the training scans hold; from the middle epoch on, a fraction of the false
-   positives (``stage2.hard``) is drawn in proportion to the classifier's probability for them
-   (the hard ones);
+   the few dozen that the training scans hold;
 4. both stages run over the validation scans; the thresholds expected to give 1/2, 1, 2 and 4
    false positives per new scan, read off them (``calibrated_thresholds``), are the operating points.
 
@@ -155,16 +153,9 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     hosts = neg[pasteable(cubes[neg], 10.0, s.spacing_mm)] if s.synthetic else neg[:0]
     shift = s.shift_mm / s.spacing_mm
     half = s.samples_per_epoch // 2
-    hard = int(round(s.hard * half))
-    weights = None  # the false positives' sampling weights once the hard ones are sought
     for epoch in range(s.epochs):
         rng = np.random.default_rng([cfg.train.seed, epoch, 2])
-        if hard and epoch == s.epochs // 2:
-            p = score_cubes(model, cubes[neg], s.size)
-            weights = p / p.sum() if p.sum() > 0 else None
-        negatives = rng.choice(neg, half) if weights is None else \
-            np.concatenate([rng.choice(neg, half - hard), rng.choice(neg, hard, p=weights)])
-        picks = np.concatenate([rng.choice(pos, half), negatives])
+        picks = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
         pasted = np.zeros(len(picks), dtype=bool)  # a synthetic nodule or vessel goes into these
         if len(hosts):
             pasted[:] = rng.random(len(picks)) < s.synthetic
@@ -192,21 +183,6 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
 
 
 PASTE = {1: paste_nodule, 0: paste_vessel}
-
-
-@torch.inference_mode()
-def score_cubes(model: NoduleClassifier3D, cubes: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
-    """The classifier's probabilities for the centred ``size`` cube of each (larger) HU cube,
-    unaugmented; the model is left in training mode."""
-    model.eval()
-    m = (cubes.shape[1] - size) // 2
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(cubes), batch):
-        x = np.ascontiguousarray(cubes[i:i + batch, m:m + size, m:m + size, m:m + size], dtype=np.float32)
-        out.append(torch.sigmoid(model(model.window(torch.from_numpy(x).to(device)))).double().cpu())
-    model.train()
-    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> tuple[list, list]:
