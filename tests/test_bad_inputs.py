@@ -710,6 +710,12 @@ def config_synthetic_over_one(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
+@_case(CONFIGS, r"stage2\.context=1; it must be 0 \(none\) or at least 2")
+def config_context_of_one(d):
+    (d / "c.yaml").write_text("stage2:\n  context: 1\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
 @_case(CONFIGS, "no such config file")
 def config_missing(d):
     return [d / "nope.yaml"], d / "nope.yaml"

@@ -86,6 +86,57 @@ def test_classifier_scores_a_batch_and_every_parameter_learns():
         assert model.eval()(x).shape == (6,)
 
 
+def test_the_context_view_is_the_whole_cube_averaged_beside_its_centre():
+    spec = ClassifierSpec(size=4, width=4, window_hu=(-1000.0, 0.0), context=2)
+    assert spec.edge == 8 and ClassifierSpec(size=4).edge == 4
+    hu = torch.from_numpy(np.random.default_rng(0).uniform(-1100, 100, (3, 8, 8, 8)).astype(np.float32))
+    x = NoduleClassifier3D(spec).window(hu.clone())
+    assert x.shape == (3, 2, 4, 4, 4)
+    unit = ((hu.numpy() + 1000) / 1000).clip(0, 1)
+    np.testing.assert_allclose(x[:, 0].numpy(), unit[:, 2:6, 2:6, 2:6], atol=1e-6)
+    np.testing.assert_allclose(x[:, 1].numpy(), unit.reshape(3, 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6)), atol=1e-6)
+    flipped = NoduleClassifier3D(spec).window(hu.flip(1, 3))  # a flip of the cube flips both views
+    assert torch.allclose(flipped, x.flip(2, 4))
+    old = {k: v for k, v in spec.to_dict().items() if k != "context"}  # a checkpoint from before the context
+    assert ClassifierSpec.from_dict(old).context == 0
+
+
+def test_the_context_branch_tells_apart_what_only_lies_outside_the_centre():
+    """A bright tube running on beyond the central cube, or stopping inside it: the central cubes
+    are the same, so only a classifier with context can learn the label."""
+    hu = torch.full((8, 16, 16, 16), -800.0)
+    hu[:, 6:10, 6:10, 4:12] = 40.0  # the same blob in every central 8 cube (voxels 4-11)
+    hu[:4, 6:10, 6:10, :] = 40.0  # in the first four it is a tube across the whole cube
+    y = torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1])
+    torch.manual_seed(0)
+    plain, wide = NoduleClassifier3D(ClassifierSpec(size=8, width=4)), NoduleClassifier3D(ClassifierSpec(size=8, width=4, context=2))
+    centre = hu[:, 4:12, 4:12, 4:12]
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(plain.window(centre))[:4], plain(plain.window(centre))[4:])
+    opt = torch.optim.Adam(wide.parameters(), lr=0.01)
+    x = wide.window(hu)
+    for _ in range(60):  # long enough for BatchNorm's running statistics to settle
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(wide.train()(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in wide.context.parameters())
+    with torch.no_grad():
+        assert ((wide.eval()(x) > 0).float() == y).all()
+
+
+def test_stage_two_trains_on_the_wider_cubes_with_context():
+    from noduledet.fpr import cube_margin, fit
+
+    cfg = Config(stage2=replace(Config().stage2, size=8, width=4, context=2, epochs=1, samples_per_epoch=32,
+                                batch_size=16, synthetic=0.5))
+    edge = 16 + 2 * cube_margin(cfg.stage2)
+    assert cube_margin(cfg.stage2) == 4  # 2.5 mm of shift and 15% of the 16 mm cube's half
+    cubes = np.random.default_rng(0).normal(-700, 100, (10, edge, edge, edge)).astype(np.int16)
+    model = fit(cubes, np.array([1, 0] * 5), cfg, torch.device("cpu"))
+    assert model.spec.context == 2 and model.context is not None and not model.training
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 8, 8, 8), (2, 3, 7, 5, 6), (1, 1, 2, 3, 3)])
 def test_the_classifiers_max_pooling_is_torchs_with_and_without_gradients(shape):
     x = torch.randn(shape, dtype=torch.float64)
@@ -228,6 +279,29 @@ def test_pipeline_rescores_with_the_second_stage():
     assert c.probability == pytest.approx(1 / (1 + np.e))  # the classifier's alone: stage one never proposed it
     off = Config(stage2=replace(cfg.stage2, blobs=0))
     assert not Pipeline(detector, blind, off, classifier=constant).run_volume(volume).candidates
+
+
+def test_the_pipeline_cuts_the_wider_cube_for_a_classifier_with_context():
+    from noduledet.inference import Detector
+    from noduledet.merge import Candidate
+    from noduledet.pipeline import Pipeline
+    from tests.test_pipeline import BrightBlobs
+
+    class OutshoneByContext(NoduleClassifier3D):
+        def forward(self, x):  # how much brighter the coarse view is than the centre
+            return 100 * (x[:, 1].mean(dim=(1, 2, 3)) - x[:, 0].mean(dim=(1, 2, 3)))
+
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (30, 30, 80))
+    hu = np.full(g.shape, -900.0, dtype=np.float32)
+    hu[:, :, 60:68] = 50.0  # a wall 6-13 mm from the spot at x 54: outside its 8 mm cube, inside the 16 mm one
+    spots = [Candidate(np.array([15.0, 15.0, x]), g.voxel_to_world([15, 15, x]), 0.0, 5.0, 1, (15, 15), [])
+             for x in (20.0, 54.0)]
+    detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
+    cfg = Config(stage2=replace(Config().stage2, flips_top=0))
+    found = Pipeline(detector, EvalConfig(), cfg, classifier=OutshoneByContext(ClassifierSpec(size=8, width=4, context=2))
+                     ).rescore(hu, g, [], spots)
+    p = {float(c.world_xyz[0]): c.probability for c in found}
+    assert p[20.0] == pytest.approx(0.5, abs=1e-6) and p[54.0] > 0.99
 
 
 def test_the_most_probable_cubes_are_scored_under_the_eight_flips():

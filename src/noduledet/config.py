@@ -119,6 +119,7 @@ class Stage2Config:
     scale: float = 0.15  # ... and zoom by up to this fraction, in or out
     combine: str = "stage2"  # the final probability: stage2 (the classifier's alone) | mean (of both stages) | product
     flips_top: int = 32  # the classifier's most probable this many per scan get the mean over 8 flips of their cube; 0: none
+    context: int = 0  # k >= 2: stage two also sees a cube k times as wide at k times the spacing (2: 48 mm at 2 mm); 0: none
 
 
 @dataclass
@@ -176,6 +177,8 @@ def _check_choices(cfg: Config, source: str) -> None:
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
+    if cfg.stage2.context == 1 or cfg.stage2.context < 0:
+        raise UserError(f"{source}: stage2.context={cfg.stage2.context}; it must be 0 (none) or at least 2")
     if not 0 <= cfg.stage2.synthetic <= 1:
         raise UserError(f"{source}: stage2.synthetic={cfg.stage2.synthetic}; it must be a fraction from 0 (none) to 1")
     device = cfg.train.device

@@ -9,7 +9,8 @@
    (``stage2.blobs``, ``noduledet.blobs``) are labelled the same way, and a few vessel-like
    spots per scan join the negatives, so that the classifier sees more than one detector's mistakes;
 2. an isotropic cube is cut around every candidate and every annotated nodule (a little larger
-   than the classifier's, so that training can shift it);
+   than the classifier's, so that training can shift it; with ``stage2.context`` k, k times as
+   wide, the coarser view's);
 3. the 3D classifier trains on balanced batches (half nodules, half false positives) with flips
    on all three axes, quarter turns in the axial plane, shifts, zooms of up to 15% (nodule sizes
    the training scans lack), HU gain and offset, and noise; a fraction of the cubes
@@ -97,14 +98,15 @@ def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, 
 
 
 def cut(cache: SliceCache, items: list[dict], spec: ClassifierSpec, margin: int) -> np.ndarray:
-    """(N, S, S, S) int16 HU cubes around the items, ``margin`` voxels wider than the classifier's."""
-    out = np.empty((len(items), *(3 * [spec.size + 2 * margin])), dtype=np.int16)
+    """(N, E, E, E) int16 HU cubes around the items, ``margin`` voxels wider than the classifier's
+    ``spec.edge``."""
+    out = np.empty((len(items), *(3 * [spec.edge + 2 * margin])), dtype=np.int16)
     by_scan: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_scan.setdefault(item["uid"], []).append(i)
     for uid, index in by_scan.items():
         centres = [items[i]["world_xyz"] for i in index]
-        cubes = extract_patches(cache.volume(uid), cache.geometry(uid), centres, spec.size + 2 * margin, spec.spacing_mm)
+        cubes = extract_patches(cache.volume(uid), cache.geometry(uid), centres, spec.edge + 2 * margin, spec.spacing_mm)
         out[index] = np.clip(np.rint(cubes), -32768, 32767)
     return out
 
@@ -150,7 +152,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     steps = s.epochs * math.ceil(s.samples_per_epoch / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.lr, total_steps=steps, pct_start=0.1)
     pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
-    hosts = neg[pasteable(cubes[neg], 10.0, s.spacing_mm)] if s.synthetic else neg[:0]
+    hosts = neg[pasteable(cubes, 10.0, s.spacing_mm)[neg]] if s.synthetic else neg[:0]  # no copy of the cubes
     shift = s.shift_mm / s.spacing_mm
     half = s.samples_per_epoch // 2
     for epoch in range(s.epochs):
@@ -167,7 +169,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
         total, t0 = 0.0, time.perf_counter()
         for start in range(0, len(picks), s.batch_size):
             batch = slice(start, start + s.batch_size)
-            x = np.stack([augment_cube(PASTE[y](cubes[i], s.spacing_mm, rng, shift) if p else cubes[i], s.size, rng,
+            x = np.stack([augment_cube(PASTE[y](cubes[i], s.spacing_mm, rng, shift) if p else cubes[i], model.spec.edge, rng,
                                        shift, s.scale) for i, p, y in zip(picks[batch], pasted[batch], target[batch])])
             logits = model(model.window(torch.from_numpy(x).to(device)))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -241,13 +243,13 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
 
 def cube_margin(s) -> int:
     """Voxels cut beyond the classifier's cube on each side: room for the shifts and the zoom out."""
-    return int(math.ceil(s.shift_mm / s.spacing_mm + s.scale * s.size / 2))
+    return int(math.ceil(s.shift_mm / s.spacing_mm + s.scale * s.size * max(1, s.context) / 2))
 
 
 def classifier_spec(cfg: Config) -> ClassifierSpec:
     """The classifier's patch geometry from the run's ``stage2`` settings."""
     s = cfg.stage2
-    return ClassifierSpec(s.size, s.spacing_mm, s.width, tuple(cfg.data.window_hu))
+    return ClassifierSpec(s.size, s.spacing_mm, s.width, tuple(cfg.data.window_hu), s.context)
 
 
 def stage2_done(path: Path) -> bool:

@@ -171,7 +171,7 @@ class Pipeline:
         are among its training augmentations). Most probable first."""
         spec = self.classifier.spec
         everything = list(candidates) + list(spots)
-        patches = extract_patches(hu, geometry, [c.world_xyz for c in everything], spec.size, spec.spacing_mm)
+        patches = extract_patches(hu, geometry, [c.world_xyz for c in everything], spec.edge, spec.spacing_mm)
         p2 = self.classify(patches)
         top = np.argsort(-p2, kind="stable")[: self.config.stage2.flips_top]
         if len(top):
@@ -184,7 +184,7 @@ class Pipeline:
         return sorted(out, key=lambda c: -c.probability)
 
     def classify(self, patches: np.ndarray) -> np.ndarray:
-        """The classifier's probabilities for (N, S, S, S) HU cubes, in batches of 64."""
+        """The classifier's probabilities for (N, E, E, E) HU cubes (``spec.edge``), in batches of 64."""
         scores = [torch.sigmoid(self.classifier(self.classifier.window(
             torch.from_numpy(np.ascontiguousarray(patches[start:start + 64])).to(self.detector.device)))).float().cpu()
             for start in range(0, len(patches), 64)]
