@@ -70,6 +70,11 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(_HalvingMaxPool(), *_conv(cin, cout), *_conv(cout, cout))
 
 
+def _branch(w: int) -> nn.Sequential:
+    """The stem and both stages: one view of the cube -> 4w feature maps."""
+    return nn.Sequential(*_conv(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
+
+
 class NoduleClassifier3D(nn.Module):
     """Nodule or not, from an isotropic HU cube.
 
@@ -81,8 +86,8 @@ class NoduleClassifier3D(nn.Module):
         super().__init__()
         self.spec = spec
         w = spec.width
-        self.features = nn.Sequential(*_conv(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w))
-        self.context = nn.Sequential(*_conv(1, w), _stage(w, 2 * w), _stage(2 * w, 4 * w)) if spec.context else None
+        self.features = _branch(w)
+        self.context = _branch(w) if spec.context else None
         self.head = nn.Linear(8 * w * (2 if spec.context else 1), 1)
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -96,7 +101,7 @@ class NoduleClassifier3D(nn.Module):
     def window(self, hu: torch.Tensor) -> torch.Tensor:
         """HU cubes (B, E, E, E) of ``spec.edge`` -> the network's input (B, C, S, S, S) in [0, 1]
         of ``spec.size``: the central S cube, and with context the whole cube averaged over k^3
-        blocks. Both views are symmetric about the centre, so a flip of the cube flips them."""
+        blocks. For an even size both views are symmetric about the centre: a flip of the cube flips them."""
         lo, hi = self.spec.window_hu
         x = ((hu - lo) / (hi - lo)).clamp_(0, 1).unsqueeze(1)
         if not self.spec.context:
