@@ -32,7 +32,7 @@ from common import machine_line  # noqa: E402
 
 from noduledet.allocator import keep_freed_memory, user_settings  # noqa: E402
 from noduledet.config import Config  # noqa: E402
-from noduledet.fpr import cube_margin, fit  # noqa: E402
+from noduledet.fpr import classifier_spec, cube_margin, fit  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
 
 
@@ -40,7 +40,8 @@ def work(samples: int, steps: int) -> None:
     """Stage two's training on generated cubes, then stage-one training steps."""
     cfg = Config()
     cfg.stage2.epochs, cfg.stage2.samples_per_epoch = 1, samples
-    side = cfg.stage2.size + 2 * cube_margin(cfg.stage2)
+    spec = classifier_spec(cfg)
+    side = spec.edge + 2 * cube_margin(cfg.stage2, spec)
     rng = np.random.default_rng(0)
     cubes = rng.normal(-700, 300, (200, side, side, side)).astype(np.int16)
     labels = np.arange(200) % 2

@@ -227,8 +227,8 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
         log(f"stage 2: {int(labels.sum())} nodule cubes, {int((labels == 0).sum())} false positives of stage one")
     if labels.min(initial=1) == 1 or labels.max(initial=0) == 0:
         raise RuntimeError("stage 2 needs both nodules and false positives among the training scans' candidates")
-    margin = cube_margin(s)
-    model = fit(cut(cache, items, classifier_spec(cfg), margin), labels, cfg, device, log)
+    spec = classifier_spec(cfg)
+    model = fit(cut(cache, items, spec, cube_margin(s, spec)), labels, cfg, device, log)
     stage2 = {"spec": model.spec.to_dict(), "state": {k: v.cpu() for k, v in model.state_dict().items()}}
     both = Pipeline(stage1.detector, stage1.settings, stage1.config, stage1.epoch, model)
     points = calibrate(both, cache, splits["val"], progress) if splits["val"] else None
@@ -241,9 +241,10 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
         checkpoint.save(ckpt, path)
 
 
-def cube_margin(s) -> int:
-    """Voxels cut beyond the classifier's cube on each side: room for the shifts and the zoom out."""
-    return int(math.ceil(s.shift_mm / s.spacing_mm + s.scale * s.size * max(1, s.context) / 2))
+def cube_margin(s, spec: ClassifierSpec) -> int:
+    """Voxels cut beyond the classifier's cube (``spec.edge``) on each side: room for the shifts
+    and the zoom out of ``s`` (the run's ``stage2`` settings)."""
+    return int(math.ceil(s.shift_mm / spec.spacing_mm + s.scale * spec.edge / 2))
 
 
 def classifier_spec(cfg: Config) -> ClassifierSpec:
