@@ -173,3 +173,46 @@ def test_malloc_benchmark_runs_glibc_defaults_beside_the_clis_thresholds(monkeyp
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # a parent's own setting: not passed on to the children
     result = bench(rounds=1, samples=32, steps=1)  # raises SystemExit if the tuned child could not set them
     assert result["tuned"]["faults"] < result["default"]["faults"]
+
+
+def test_robustness_changes_by_hand():
+    from robustness import changed
+
+    from noduledet.data.ct import CTVolume
+    from noduledet.geometry import Geometry
+
+    hu = np.zeros((5, 4, 4), dtype=np.int16) + np.array([-1000, 0, 100, 300, 40], dtype=np.int16)[:, None, None]
+    for direction in ((1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, 1, 0, 0, 0, -1)):  # z up and z flipped
+        g = Geometry((0.7, 0.7, 1.0), (-10.0, 5.0, 30.0), direction, hu.shape)
+        volume = CTVolume(hu, g)
+        assert changed(volume, "offset", 0).hu[:, 0, 0].tolist() == [-950, 50, 150, 350, 90]
+        assert changed(volume, "gain", 0).hu[:, 0, 0].tolist() == [-900, 0, 90, 270, 36]
+        assert changed(volume, "smooth", 0).hu[:, 0, 0].tolist() == hu[:, 0, 0].tolist()  # uniform slices stay
+        thick = changed(volume, "thick", 0)
+        assert thick.hu[:, 0, 0].tolist() == [-500, 200] and thick.geometry.spacing == (0.7, 0.7, 2.0)
+        # each thick slice lies midway between the two it averages, in world mm
+        for k in range(2):
+            between = (g.voxel_to_world([2 * k, 1, 2]) + g.voxel_to_world([2 * k + 1, 1, 2])) / 2
+            np.testing.assert_allclose(thick.geometry.voxel_to_world([k, 1, 2]), between)
+    coarse = CTVolume(hu, Geometry((0.7, 0.7, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), hu.shape))
+    assert changed(coarse, "thick", 0).hu.shape == hu.shape  # already thick: left as it is
+    flat = CTVolume(np.zeros((4, 64, 64), dtype=np.int16), coarse.geometry.crop((0, 0, 0), (4, 64, 64)))
+    noisy = changed(flat, "noise", 3).hu
+    assert 20 < noisy.std() < 30 and abs(noisy.mean()) < 1
+    assert (noisy == changed(flat, "noise", 3).hu).all() and not (noisy == changed(flat, "noise", 4).hu).all()
+
+
+def test_robustness_on_a_trained_run(trained, phantom_root, tmp_path, capsys):
+    from robustness import main
+
+    argv = ["--checkpoint", str(trained / "best.pt"), "--data", str(phantom_root), "--threads", "1"]
+    assert main(argv + ["--scans", "2", "--changes", "none,offset,thick"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "/" in line][1:]
+    assert [r[1].strip() for r in rows] == ["none", "offset", "thick"] and rows[0][3].strip() == "+0.000"
+    assert all(0 <= float(r[2]) <= 1 for r in rows)
+    assert main(argv + ["--changes", "none,blur"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'none,blur'" in err and "choose from" in err
+    assert main(argv[:2] + ["--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err
