@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         uids = sorted(set(data.annotations().uids))[: args.scans]
         if not uids:
             raise UserError(f"{args.data}: annotations.csv names no scan")
-    except UserError as err:
+        rows = measure(pipeline, data, uids, names, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except UserError as err:  # a scan missing or unreadable is found while measuring: no table then
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(machine_line())
     print(f"{args.checkpoint} on {len(uids)} scans of {args.data}\n")
-    rows = measure(pipeline, data, uids, names, log=lambda line: print(line, file=sys.stderr, flush=True))
     base = next((r["cpm"] for r in rows if r["change"] == "none"), None)
     print("| change | CPM | against none | nodules found | sens. at 1 FP/scan | seconds |\n|---|---:|---:|---:|---:|---:|")
     for r in rows:

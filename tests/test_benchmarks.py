@@ -1,5 +1,6 @@
 """The benchmark scripts' measuring code measures what it says (their numbers live in docs/benchmarks.md)."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -216,3 +217,10 @@ def test_robustness_on_a_trained_run(trained, phantom_root, tmp_path, capsys):
     assert main(argv[:2] + ["--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(phantom_root, broken)
+    raw = sorted(broken.glob("subset*/*.raw"))[0]
+    raw.unlink()
+    assert main(argv[:2] + ["--data", str(broken), "--changes", "none"]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1].startswith("error: ") and raw.name in err.splitlines()[-1] and "| none" not in out
