@@ -4,7 +4,7 @@ from noduledet.cli import build_parser, main
 from noduledet.models import build_detector
 from noduledet.models.detector import count_parameters
 
-COMMANDS = ["models", "phantom", "lidc-annotations", "prepare", "train", "evaluate", "froc", "predict", "gather", "demo",
+COMMANDS = ["models", "phantom", "lidc-annotations", "prepare", "train", "stage2", "evaluate", "froc", "predict", "gather", "demo",
             "compare"]
 
 

@@ -190,3 +190,77 @@ def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes
     torch.save(raw, tmp_path / "old.pt")
     stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
     assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, 0.0)
+
+
+def test_stage_two_is_trained_again_into_a_new_run_folder(trained, tmp_path, capsys, monkeypatch):
+    """Other stage2 settings on the same stage one: the run left as it was, the copy with the new
+    classifier, config and operating points, the mined candidates reused."""
+    from noduledet import checkpoint, fpr
+
+    monkeypatch.setattr(fpr, "mine", lambda *a, **k: pytest.fail("stage one's pool is unchanged: no mining"))
+    before = {name: (trained / name).read_bytes() for name in ("best.pt", "last.pt", "config.yaml", "meta.json")}
+    out = tmp_path / "smaller"
+    assert main(["stage2", str(trained), "stage2.size=8", "stage2.width=2", "-o", str(out)]) == 0
+    assert f"run: {out}" in capsys.readouterr().out
+    assert {name: (trained / name).read_bytes() for name in before} == before
+    old, new = checkpoint.load(trained / "best.pt"), checkpoint.load(out / "best.pt")
+    assert (old.stage2["spec"]["size"], old.stage2["spec"]["width"]) == (12, 4)
+    assert (new.stage2["spec"]["size"], new.stage2["spec"]["width"]) == (8, 2)
+    assert new.config.stage2.size == 8 and load_config(out / "config.yaml").stage2.size == 8
+    assert new.operating_points["scans"] == old.operating_points["scans"] > 0
+    assert all(torch.equal(v, new.model[k]) for k, v in old.model.items())  # stage one kept
+    resumable = checkpoint.load(out / "last.pt")
+    assert resumable.stage2["spec"]["size"] == 8 and resumable.training is not None
+    assert (out / "stage2_candidates.json").read_bytes() == (trained / "stage2_candidates.json").read_bytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage2_retrained"]["overrides"] == ["stage2.size=8", "stage2.width=2"]
+    assert meta["seed"] == json.loads(before["meta.json"])["seed"]
+
+
+def test_stage_two_trained_again_in_place_mines_again_when_the_pool_changes(trained, tmp_path, monkeypatch):
+    from noduledet import checkpoint, fpr
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    pools = []
+    mine = fpr.mine
+    monkeypatch.setattr(fpr, "mine", lambda *a, **k: pools.append(k["blobs"]) or mine(*a, **k))
+    with pytest.raises(UserError, match="has a second stage already; pass --force to replace it, or -o"):
+        engine.retrain_stage2(run, ["stage2.blobs=0"], log=None)
+    assert checkpoint.load(run / "best.pt").config.stage2.blobs == 50 and not pools  # refused before any change
+    engine.retrain_stage2(run, ["stage2.blobs=0"], force=True, log=None)
+    assert pools == [0]
+    assert checkpoint.load(run / "best.pt").config.stage2.blobs == 0
+    assert checkpoint.load(run / "last.pt").stage2 is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.epochs=3"], "override 'train.epochs=3': only stage2.* settings change here (stage one is kept)"),
+    (["stage2.enabled=false"], "stage2.enabled=false leaves nothing to train"),
+    (["stage2.combine=max"], "stage2.combine='max'; choose from"),
+    (["-o", "{trained}"], "has a second stage already; pass --force"),
+    (["-o", "{exists}"], "exists; pass --force to overwrite it"),
+])
+def test_training_stage_two_again_refuses_in_one_line(trained, tmp_path, capsys, args, message):
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "notes.txt").write_text("mine")
+    args = [a.format(trained=trained, exists=exists) for a in args]
+    assert main(["stage2", str(trained), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert (exists / "notes.txt").read_text() == "mine"
+
+
+def test_training_stage_two_again_needs_a_finished_stage_one(trained, tmp_path, capsys):
+    from noduledet import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = checkpoint.load(run / "last.pt")
+    ckpt.epoch = 1
+    checkpoint.save(ckpt, run / "last.pt")
+    assert main(["stage2", str(run), "--force"]) == 2
+    assert "stage one stopped after epoch 1 of 2; finish it first" in capsys.readouterr().err
+    assert main(["stage2", str(tmp_path / "none")]) == 2
+    assert "last.pt: no such checkpoint" in capsys.readouterr().err

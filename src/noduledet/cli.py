@@ -85,6 +85,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage2(args: argparse.Namespace) -> int:
+    from noduledet import engine
+    from noduledet.progress import reporter
+
+    run = engine.retrain_stage2(args.run, args.overrides, out=args.out, force=args.force,
+                                progress=reporter("stage 2", "scan"))
+    print(f"run: {run}; its best.pt and last.pt hold the new second stage and operating points")
+    return 0
+
+
 def _given(args: argparse.Namespace, *names: str) -> dict:
     """The options among ``names`` given on the command line (None: take the checkpoint's)."""
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -279,6 +289,16 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
 
 
+def _add_stage2(sub) -> None:
+    p = sub.add_parser("stage2", help="train the second stage of a finished run again, its stage one kept")
+    p.add_argument("run", type=Path, help="run folder (of noduledet train or the demo's run/)")
+    p.add_argument("overrides", nargs="*", metavar="stage2.KEY=VALUE", help="e.g. stage2.epochs=32 stage2.spacing_mm=0.8")
+    p.add_argument("-o", "--out", type=Path, help="a new run folder (the run is copied there and left as it was); "
+                                                   "default: the run itself")
+    p.add_argument("--force", action="store_true", help="replace OUT, or the run's own second stage")
+    p.set_defaults(func=_stage2)
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="slice metrics (mAP, Recall, F1, Jaccard) and LUNA16 FROC/CPM of a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -386,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noduledet", description="Lung-nodule detection in chest CT.")
     parser.add_argument("--version", action="version", version=f"noduledet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_models, _add_phantom, _add_lidc_annotations, _add_prepare, _add_train, _add_evaluate, _add_froc, _add_predict, _add_gather,
+    for add in (_add_models, _add_phantom, _add_lidc_annotations, _add_prepare, _add_train, _add_stage2, _add_evaluate, _add_froc, _add_predict, _add_gather,
                 _add_demo, _add_compare):
         add(sub)
     return parser

@@ -254,6 +254,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             where = f":{mark.line + 1}" if mark else ""
             raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         source = str(path)
+    return config_from_dict(apply_overrides(raw, overrides, source), source)
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """``raw`` (a config's mapping of sections, changed in place) with each ``section.key=value``
+    of ``overrides`` set (``load_config``)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"override {item!r}: expected section.key=value")
@@ -271,7 +277,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise UserError(f"{source}: {part!r} must be a mapping, for override {item!r}")
             node = node[part]
         node[name] = parsed
-    return config_from_dict(raw, source)
+    return raw
 
 
 def config_yaml(cfg: Config) -> str:

@@ -2,7 +2,8 @@
 
 Split as torchvision's detection references: ``train`` sets up data, model and optimiser and
 loops over epochs; ``train_one_epoch`` runs the steps of one epoch; ``validate`` scores the
-validation slices. The run folder (``RunFolder``) holds what is written.
+validation slices. The run folder (``RunFolder``) holds what is written. ``retrain_stage2``
+(``noduledet stage2``) trains a finished run's second stage again, its stage one kept.
 
 Checkpoints (``noduledet.checkpoint``) hold the model, optimiser, scheduler, gradient scaler,
 epoch and torch RNG state. ``--resume`` continues from ``last.pt`` exactly: on the CPU a resumed
@@ -15,7 +16,9 @@ epoch (DistributedSampler), validation is sharded and gathered, and rank 0 alone
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from noduledet import checkpoint
 from noduledet.checkpoint import Checkpoint
-from noduledet.config import Config
+from noduledet.config import Config, apply_overrides, config_from_dict, config_yaml
 from noduledet.data.cache import SliceCache, cache_ready, prepare
 from noduledet.data.dataset import SliceDataset, collate
 from noduledet.data.splits import split_scans
@@ -35,7 +38,8 @@ from noduledet.fpr import stage2_done, train_stage2
 from noduledet.metrics.coco import slice_metrics
 from noduledet.models.detector import build_detector
 from noduledet.progress import Progress, track
-from noduledet.runfolder import RunFolder
+from noduledet.runfolder import RunFolder, git_hash
+from noduledet.staging import write_json, write_text
 
 VALIDATION_KEYS = ("ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard")
 
@@ -326,3 +330,60 @@ def _end_epoch(trainer: Trainer, row: dict, cfg: Config, run: RunFolder, writer,
             msg += (f"; val mAP {row['val_ap50']:.3f}, recall {row['val_recall']:.3f}, "
                     f"F1 {row['val_f1']:.3f} ({row['val_s']:.0f} s)")
         log(msg)
+
+
+def retrain_stage2(run_dir: str | Path, overrides: list[str] = (), out: str | Path | None = None,
+                   force: bool = False, log=print, progress=None) -> Path:
+    """Train the second stage of a finished run again, its stage one kept: with other ``stage2``
+    settings (``overrides``, ``stage2.key=value``) or after a change to stage two's code.
+
+    Args:
+        run_dir: a run folder whose stage one has trained all its epochs.
+        out: a new run folder, the run copied there first (the run itself is left as it was);
+            None: in place, which replaces a second stage the run has only with ``force``.
+        force: replace ``out`` if it exists, or the run's own second stage.
+
+    The candidates stage one mined on the training scans are reused unless ``stage2.candidates``
+    or ``stage2.blobs`` changed; the operating points are calibrated anew. Returns the run folder
+    that holds the new second stage (``out`` or ``run_dir``).
+    """
+    src = Path(run_dir)
+    last = checkpoint.load(src / "last.pt")
+    if last.epoch < last.config.train.epochs:
+        raise UserError(f"{src}: stage one stopped after epoch {last.epoch} of {last.config.train.epochs}; "
+                        f"finish it first (noduledet train {src / 'config.yaml'} --resume)")
+    foreign = [o for o in overrides if not o.startswith("stage2.")]
+    if foreign:
+        raise UserError(f"override {foreign[0]!r}: only stage2.* settings change here (stage one is kept); "
+                        f"train anew for others")
+    cfg = config_from_dict(apply_overrides(last.config.to_dict(), list(overrides), str(src)), f"{src} with the overrides")
+    if not cfg.stage2.enabled:
+        raise UserError(f"{src}: stage2.enabled=false leaves nothing to train")
+    dst = src if out is None or Path(out).resolve() == src.resolve() else Path(out)
+    if dst == src and last.stage2 is not None and not force:
+        raise UserError(f"{src}: has a second stage already; pass --force to replace it, or -o for a new run folder")
+    if dst != src:
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+            raise UserError(f"{dst}: exists; pass --force to overwrite it")
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        shutil.copytree(src, dst)
+    before = last.config.stage2
+    if (cfg.stage2.candidates, cfg.stage2.blobs) != (before.candidates, before.blobs):
+        (dst / "stage2_candidates.json").unlink(missing_ok=True)  # stage one's pool changed: mine again
+    run = RunFolder(dst, resume=True)
+    for path in (run.best, run.last):  # the new settings, and no second stage until it is trained
+        ckpt = checkpoint.load(path)
+        ckpt.config, ckpt.stage2, ckpt.operating_points = cfg, None, None
+        checkpoint.save(ckpt, path)
+    write_text(dst / "config.yaml", config_yaml(cfg))
+    meta = json.loads((dst / "meta.json").read_text()) if (dst / "meta.json").is_file() else {}
+    meta["stage2_retrained"] = {"from": str(src), "overrides": list(overrides), "git": git_hash(),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(dst / "meta.json", meta)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_stage2(cfg, run, open_cache(cfg), run.splits(), resolve_device(cfg.train.device), log, progress)
+    return dst
