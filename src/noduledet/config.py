@@ -108,7 +108,7 @@ class Stage2Config:
     candidates: int = 300  # stage one's most probable candidates that stage two scores (then max_candidates kept)
     blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them; 0: none
     size: int = 24  # patch edge in voxels ...
-    spacing_mm: float = 1.0  # ... of this size (a 24 mm cube; 1.25 mm found fewer small nodules, docs/results.md)
+    spacing_mm: float = 0.8  # ... of this size (a 19.2 mm cube; 1.0 and 1.25 mm scored lower on another generator, docs/results.md)
     width: int = 16  # channels of the classifier's first layer
     epochs: int = 16  # 8 stopped with the loss still falling (docs/results.md)
     samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement

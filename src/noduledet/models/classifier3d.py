@@ -8,7 +8,7 @@ Architecture: a 3x3x3 stem convolution at full resolution, then two stages of tw
 convolutions (BatchNorm, ReLU), each stage after a max-pool that halves the cube, then global
 average and max pooling and a linear layer: 0.23 GFLOPs for a 24^3 patch at width 16.
 With ``context`` k >= 2 a second branch of the same layers sees a coarser cube around the same
-point: k times the edge at k times the spacing (48 mm at 2 mm beside the 24 mm cube at 1 mm),
+point: k times the edge at k times the spacing (38.4 mm at 1.6 mm beside the 19.2 mm cube at 0.8 mm),
 where a vessel is seen to run on and to fork; the two branches' pooled features meet in the head.
 Input: HU windowed to [0, 1]; output: one logit per patch.
 """
@@ -26,7 +26,7 @@ class ClassifierSpec:
     """What the classifier sees and its size (stored beside its weights in a checkpoint)."""
 
     size: int = 24  # patch edge, voxels ...
-    spacing_mm: float = 1.0  # ... of this size: a 24 mm cube
+    spacing_mm: float = 0.8  # ... of this size: a 19.2 mm cube
     width: int = 16  # channels of the first stage (then x2, x4)
     window_hu: tuple[float, float] = (-1000.0, 400.0)
     context: int = 0  # k >= 2: a second cube of k times the edge at k times the spacing; 0: none
