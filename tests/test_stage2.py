@@ -128,7 +128,7 @@ def test_the_context_branch_tells_apart_what_only_lies_outside_the_centre():
 def test_stage_two_trains_on_the_wider_cubes_with_context():
     from noduledet.fpr import classifier_spec, cube_margin, fit
 
-    cfg = Config(stage2=replace(Config().stage2, size=8, width=4, context=2, epochs=1, samples_per_epoch=32,
+    cfg = Config(stage2=replace(Config().stage2, size=8, spacing_mm=1.0, width=4, context=2, epochs=1, samples_per_epoch=32,
                                 batch_size=16, synthetic=0.5))
     edge = 16 + 2 * cube_margin(cfg.stage2, classifier_spec(cfg))
     assert cube_margin(cfg.stage2, classifier_spec(cfg)) == 4  # 2.5 mm of shift and 15% of the 16 mm cube's half
