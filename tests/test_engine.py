@@ -207,6 +207,7 @@ def test_stage_two_is_trained_again_into_a_new_run_folder(trained, tmp_path, cap
     assert (old.stage2["spec"]["size"], old.stage2["spec"]["width"]) == (12, 4)
     assert (new.stage2["spec"]["size"], new.stage2["spec"]["width"]) == (8, 2)
     assert new.config.stage2.size == 8 and load_config(out / "config.yaml").stage2.size == 8
+    assert new.config.train.out == load_config(out / "config.yaml").train.out == str(out)
     assert new.operating_points["scans"] == old.operating_points["scans"] > 0
     assert all(torch.equal(v, new.model[k]) for k, v in old.model.items())  # stage one kept
     resumable = checkpoint.load(out / "last.pt")
@@ -234,12 +235,24 @@ def test_stage_two_trained_again_in_place_mines_again_when_the_pool_changes(trai
     assert checkpoint.load(run / "last.pt").stage2 is not None
 
 
+def test_stage_two_trained_again_leaves_no_half_made_run_folder(trained, tmp_path, monkeypatch):
+    from noduledet import fpr
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped while fitting")
+
+    monkeypatch.setattr(fpr, "fit", fail)
+    with pytest.raises(RuntimeError, match="stopped while fitting"):
+        engine.retrain_stage2(trained, ["stage2.size=8"], out=tmp_path / "new", log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["train.epochs=3"], "override 'train.epochs=3': only stage2.* settings change here (stage one is kept)"),
     (["stage2.enabled=false"], "stage2.enabled=false leaves nothing to train"),
     (["stage2.combine=max"], "stage2.combine='max'; choose from"),
     (["-o", "{trained}"], "has a second stage already; pass --force"),
-    (["-o", "{exists}"], "exists; pass --force to overwrite it"),
+    (["-o", "{exists}"], "exists; pass --force to replace it"),
 ])
 def test_training_stage_two_again_refuses_in_one_line(trained, tmp_path, capsys, args, message):
     exists = tmp_path / "exists"

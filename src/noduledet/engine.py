@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from noduledet.metrics.coco import slice_metrics
 from noduledet.models.detector import build_detector
 from noduledet.progress import Progress, track
 from noduledet.runfolder import RunFolder, git_hash
-from noduledet.staging import write_json, write_text
+from noduledet.staging import staged_dir, write_json, write_text
 
 VALIDATION_KEYS = ("ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard")
 
@@ -339,8 +339,9 @@ def retrain_stage2(run_dir: str | Path, overrides: list[str] = (), out: str | Pa
 
     Args:
         run_dir: a run folder whose stage one has trained all its epochs.
-        out: a new run folder, the run copied there first (the run itself is left as it was);
-            None: in place, which replaces a second stage the run has only with ``force``.
+        out: a new run folder, the run copied into it (the run itself is left as it was); it
+            appears only once its second stage is trained. None: in place, which replaces a
+            second stage the run has only with ``force``.
         force: replace ``out`` if it exists, or the run's own second stage.
 
     The candidates stage one mined on the training scans are reused unless ``stage2.candidates``
@@ -359,31 +360,35 @@ def retrain_stage2(run_dir: str | Path, overrides: list[str] = (), out: str | Pa
     cfg = config_from_dict(apply_overrides(last.config.to_dict(), list(overrides), str(src)), f"{src} with the overrides")
     if not cfg.stage2.enabled:
         raise UserError(f"{src}: stage2.enabled=false leaves nothing to train")
-    dst = src if out is None or Path(out).resolve() == src.resolve() else Path(out)
-    if dst == src and last.stage2 is not None and not force:
-        raise UserError(f"{src}: has a second stage already; pass --force to replace it, or -o for a new run folder")
-    if dst != src:
-        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-            raise UserError(f"{dst}: exists; pass --force to overwrite it")
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        elif dst.exists():
-            dst.unlink()
-        shutil.copytree(src, dst)
-    before = last.config.stage2
+    if out is None or Path(out).resolve() == src.resolve():
+        if last.stage2 is not None and not force:
+            raise UserError(f"{src}: has a second stage already; pass --force to replace it, or -o for a new run folder")
+        _train_stage2_again(src, src, cfg, overrides, last.config.stage2, log, progress)
+        return src
+    dst = Path(out)
+    with staged_dir(dst, force) as tmp:  # NEW appears only with its second stage trained
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        cfg = replace(cfg, train=replace(cfg.train, out=str(dst)))  # a later --resume finds the copy, not the run
+        _train_stage2_again(tmp, src, cfg, overrides, last.config.stage2, log, progress)
+    return dst
+
+
+def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[str], before, log, progress) -> None:
+    """``retrain_stage2``'s work in the run ``folder`` (``src`` or its copy): ``cfg`` into its
+    checkpoints and config.yaml, the mined candidates dropped when the pool's settings differ from
+    ``before`` (the run's ``stage2``), the change in meta.json, then stage two trained."""
     if (cfg.stage2.candidates, cfg.stage2.blobs) != (before.candidates, before.blobs):
-        (dst / "stage2_candidates.json").unlink(missing_ok=True)  # stage one's pool changed: mine again
-    run = RunFolder(dst, resume=True)
+        (folder / "stage2_candidates.json").unlink(missing_ok=True)  # stage one's pool changed: mine again
+    run = RunFolder(folder, resume=True)
     for path in (run.best, run.last):  # the new settings, and no second stage until it is trained
         ckpt = checkpoint.load(path)
         ckpt.config, ckpt.stage2, ckpt.operating_points = cfg, None, None
         checkpoint.save(ckpt, path)
-    write_text(dst / "config.yaml", config_yaml(cfg))
-    meta = json.loads((dst / "meta.json").read_text()) if (dst / "meta.json").is_file() else {}
+    write_text(folder / "config.yaml", config_yaml(cfg))
+    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     meta["stage2_retrained"] = {"from": str(src), "overrides": list(overrides), "git": git_hash(),
                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_json(dst / "meta.json", meta)
+    write_json(folder / "meta.json", meta)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train_stage2(cfg, run, open_cache(cfg), run.splits(), resolve_device(cfg.train.device), log, progress)
-    return dst
