@@ -380,10 +380,7 @@ def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[st
     if (cfg.stage2.candidates, cfg.stage2.blobs) != (before.candidates, before.blobs):
         (folder / "stage2_candidates.json").unlink(missing_ok=True)  # stage one's pool changed: mine again
     run = RunFolder(folder, resume=True)
-    for path in (run.best, run.last):  # the new settings, and no second stage until it is trained
-        ckpt = checkpoint.load(path)
-        ckpt.config, ckpt.stage2, ckpt.operating_points = cfg, None, None
-        checkpoint.save(ckpt, path)
+    run.set_stage2(None, None, config=cfg)  # the new settings, and no second stage until it is trained
     write_text(folder / "config.yaml", config_yaml(cfg))
     meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     meta["stage2_retrained"] = {"from": str(src), "overrides": list(overrides), "git": git_hash(),

@@ -235,10 +235,7 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     if log and points:
         log(f"stage 2 on {points['scans']} validation scans: CPM {points['cpm_stage1']:.3f} (stage one) -> "
             f"{points['cpm']:.3f} (both stages)")
-    for path in (run.best, run.last):
-        ckpt = checkpoint.load(path)
-        ckpt.stage2, ckpt.operating_points = stage2, points
-        checkpoint.save(ckpt, path)
+    run.set_stage2(stage2, points)
 
 
 def cube_margin(s, spec: ClassifierSpec) -> int:
