@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from noduledet import checkpoint
 from noduledet.cli import main
 from noduledet.models.detector import build_detector, same_network
 from noduledet.report import markdown_to_html
@@ -27,8 +28,10 @@ def test_markdown_page_stands_alone(tmp_path):
 
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64"]) == 0
+    short = ["stage2.epochs=1", "stage2.samples_per_epoch=64"]  # the config's overrides; stage two's 16 epochs take minutes
+    assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64", *short]) == 0
     text = capsys.readouterr().out
+    assert "stage 2 epoch 1/1:" in text and checkpoint.load(out / "run" / "best.pt").config.stage2.epochs == 1
     assert "[6/6] report" in text and f"report: {out / 'report.html'}" in text
     md = (out / "report.md").read_text()
     for heading in ("## Setup", "## Results on the held-out scans", "## Predictions on two held-out scans", "## Time"):
@@ -36,9 +39,13 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "not clinical results" in md and "CPM" in md and "| 3-6 mm |" in md  # sensitivity by size
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
+    assert f"noduledet demo -o {out} --seed 0 --scans 4 --epochs 1 --size 64 {' '.join(short)}" in md  # reproduce
     assert (out / "run" / "best.pt").exists() and (out / "eval" / "metrics.json").exists()
     assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["demo", "-o", str(tmp_path / "other"), "train.out=elsewhere"]) == 2
+    assert "'train.out=elsewhere': the demo places data.root, data.cache, train.out inside -o" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_compare_two_rows_and_resume(phantom_root, phantom_cache, tmp_path, capsys):

@@ -10,6 +10,7 @@ phantoms: the numbers show the software at work, not clinical performance.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from functools import partial
@@ -18,26 +19,35 @@ from pathlib import Path
 import numpy as np
 
 from noduledet.config import Config, load_config
+from noduledet.errors import UserError
 from noduledet.report import markdown_to_html, scan_level_lines, slice_table
 from noduledet.staging import staged_dir, write_text
 
 DEMO_SIZE = 512  # default in-plane pixels of the phantom scans: LUNA16's, 0.5-0.95 mm pixels
 DEMO_DIAMETERS = (3.0, 30.0)  # LUNA16's nodules are 3 mm and larger
 STAGES = ("phantom", "prepare", "train", "evaluate", "predict", "report")
+PLACED = ("data.root", "data.cache", "train.out")  # the demo puts these in OUT itself
 
 
 def run_demo(out: str | Path = "demo-output", seed: int = 0, scans: int = 40, epochs: int = 10,
-             size: int = DEMO_SIZE, force: bool = False, log=partial(print, flush=True), progress=None) -> Path:
-    """Run every stage into ``out``; return the path of ``report.html``."""
+             size: int = DEMO_SIZE, force: bool = False, overrides: tuple[str, ...] = (),
+             log=partial(print, flush=True), progress=None) -> Path:
+    """Run every stage into ``out``; return the path of ``report.html``.
+
+    ``overrides`` (``section.key=value``) change the default config after the demo's own settings,
+    e.g. ``stage2.epochs=4``; the demo's folders (``PLACED``) cannot be moved."""
     out = Path(out)
+    for item in overrides:
+        if item.split("=", 1)[0].strip() in PLACED:
+            raise UserError(f"override {item!r}: the demo places {', '.join(PLACED)} inside -o itself")
     with staged_dir(out, force) as tmp:
         cfg = load_config(None, [f"data.root={tmp / 'data'}", f"data.cache={tmp / 'cache'}", f"train.out={tmp / 'run'}",
-                                 f"train.epochs={epochs}", f"train.seed={seed}", f"data.split_seed={seed}"])
+                                 f"train.epochs={epochs}", f"train.seed={seed}", f"data.split_seed={seed}", *overrides])
         stages, results = _run_stages(tmp, cfg, seed, scans, size, log, progress)
         t = time.perf_counter()
         log(f"[{len(STAGES)}/{len(STAGES)}] report")
         _relocate(tmp, out)
-        write_report(tmp, out, cfg, results, stages, seed, scans, size)
+        write_report(tmp, out, cfg, results, stages, seed, scans, size, overrides)
         stages["report"] = time.perf_counter() - t
     log(f"report: {out / 'report.html'} (and {out / 'report.md'}); total {sum(stages.values()) / 60:.1f} min")
     return out / "report.html"
@@ -110,7 +120,7 @@ def _model_line(cfg: Config, params: float, gflops: float, size: int) -> str:
 
 
 def write_report(tmp: Path, out: Path, cfg: Config, results: dict, stages: dict, seed: int, scans: int,
-                 size: int) -> None:
+                 size: int, overrides: tuple[str, ...] = ()) -> None:
     """``report.md`` and the self-contained ``report.html`` in ``tmp`` (which becomes ``out``)."""
     from noduledet.models.profile import profile_variant
     from noduledet.plots import training_curves
@@ -155,7 +165,8 @@ def write_report(tmp: Path, out: Path, cfg: Config, results: dict, stages: dict,
         *_prediction_lines(tmp, results),
         "## Time", "", "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.0f} |" for k, v in stages.items()], "",
         "## Reproduce", "", "```",
-        f"noduledet demo -o {out} --seed {seed} --scans {scans} --epochs {t.epochs} --size {size}",
+        " ".join(["noduledet demo", "-o", str(out), "--seed", str(seed), "--scans", str(scans), "--epochs",
+                  str(t.epochs), "--size", str(size), *map(shlex.quote, overrides)]),
         f"noduledet evaluate --checkpoint {out}/run/best.pt -o {out}/eval --force", "```", ""]
     text = "\n".join(md)
     write_text(tmp / "report.md", text)
