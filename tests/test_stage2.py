@@ -16,6 +16,11 @@ from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D, _H
 from tests.conftest import flipped_xy
 
 
+def _spec(**kw) -> ClassifierSpec:
+    """A small classifier's spec: 4 channels, 0.8 mm voxels, the config's window, what ``kw`` says."""
+    return ClassifierSpec(**{"size": 16, "spacing_mm": 0.8, "width": 4, "window_hu": (-1000.0, 400.0), **kw})
+
+
 def _world_volume(axis: int):
     """A volume whose every voxel holds ten times its world coordinate ``axis`` (mm), on an
     anisotropic grid."""
@@ -68,7 +73,7 @@ def test_oblique_scans_are_interpolated_voxel_by_voxel():
 
 def test_classifier_scores_a_batch_and_every_parameter_learns():
     torch.manual_seed(0)
-    model = NoduleClassifier3D(ClassifierSpec(size=16, width=4))
+    model = NoduleClassifier3D(_spec(size=16))
     x = model.window(torch.full((6, 16, 16, 16), -800.0))
     x[:3, :, 6:10, 6:10, 6:10] = 0.6  # a blob in the first three
     y = torch.tensor([1.0, 1, 1, 0, 0, 0])
@@ -87,8 +92,8 @@ def test_classifier_scores_a_batch_and_every_parameter_learns():
 
 
 def test_the_context_view_is_the_whole_cube_averaged_beside_its_centre():
-    spec = ClassifierSpec(size=4, width=4, window_hu=(-1000.0, 0.0), context=2)
-    assert spec.edge == 8 and ClassifierSpec(size=4).edge == 4
+    spec = _spec(size=4, window_hu=(-1000.0, 0.0), context=2)
+    assert spec.edge == 8 and _spec(size=4).edge == 4
     hu = torch.from_numpy(np.random.default_rng(0).uniform(-1100, 100, (3, 8, 8, 8)).astype(np.float32))
     x = NoduleClassifier3D(spec).window(hu.clone())
     assert x.shape == (3, 2, 4, 4, 4)
@@ -109,7 +114,7 @@ def test_the_context_branch_tells_apart_what_only_lies_outside_the_centre():
     hu[:4, 6:10, 6:10, :] = 40.0  # in the first four it is a tube across the whole cube
     y = torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1])
     torch.manual_seed(0)
-    plain, wide = NoduleClassifier3D(ClassifierSpec(size=8, width=4)), NoduleClassifier3D(ClassifierSpec(size=8, width=4, context=2))
+    plain, wide = NoduleClassifier3D(_spec(size=8)), NoduleClassifier3D(_spec(size=8, context=2))
     centre = hu[:, 4:12, 4:12, 4:12]
     with torch.no_grad():
         assert torch.equal(plain.eval()(plain.window(centre))[:4], plain(plain.window(centre))[4:])
@@ -254,7 +259,7 @@ def test_pipeline_rescores_with_the_second_stage():
         def forward(self, x):
             return torch.full((len(x),), -1.0)  # sigmoid 0.269
 
-    constant = Constant(ClassifierSpec(size=8, width=4))
+    constant = Constant(_spec(size=8))
     cfg = Config()
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
     one = Pipeline(detector, EvalConfig(), cfg).run_volume(volume)
@@ -298,7 +303,7 @@ def test_the_pipeline_cuts_the_wider_cube_for_a_classifier_with_context():
              for x in (20.0, 54.0)]
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
     cfg = Config(stage2=replace(Config().stage2, flips_top=0))
-    found = Pipeline(detector, EvalConfig(), cfg, classifier=OutshoneByContext(ClassifierSpec(size=8, width=4, context=2))
+    found = Pipeline(detector, EvalConfig(), cfg, classifier=OutshoneByContext(_spec(size=8, context=2))
                      ).rescore(hu, g, [], spots)
     p = {float(c.world_xyz[0]): c.probability for c in found}
     assert p[20.0] == pytest.approx(0.5, abs=1e-6) and p[54.0] > 0.99
@@ -320,7 +325,7 @@ def test_the_most_probable_cubes_are_scored_under_the_eight_flips():
     spots = [Candidate(np.array([15.0, 15.0, x]), g.voxel_to_world([15, 15, x]), 0.0, 5.0, 1, (15, 15), [])
              for x in (10.0, 25.0, 40.0, 55.0, 70.0)]
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
-    classifier = LowXBrighter(ClassifierSpec(size=8, width=4))
+    classifier = LowXBrighter(_spec(size=8))
 
     def scores(top: int) -> dict[float, float]:
         cfg = Config(stage2=replace(Config().stage2, flips_top=top))

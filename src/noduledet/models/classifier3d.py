@@ -23,13 +23,14 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """What the classifier sees and its size (stored beside its weights in a checkpoint)."""
+    """What the classifier sees and its size (stored beside its weights in a checkpoint; the
+    defaults are the config's, ``noduledet.fpr.classifier_spec``)."""
 
-    size: int = 24  # patch edge, voxels ...
-    spacing_mm: float = 0.8  # ... of this size: a 19.2 mm cube
-    width: int = 16  # channels of the first stage (then x2, x4)
-    window_hu: tuple[float, float] = (-1000.0, 400.0)
-    context: int = 0  # k >= 2: a second cube of k times the edge at k times the spacing; 0: none
+    size: int  # patch edge, voxels ...
+    spacing_mm: float  # ... of this size
+    width: int  # channels of the first stage (then x2, x4)
+    window_hu: tuple[float, float]
+    context: int = 0  # k >= 2: a second cube of k times the edge at k times the spacing; 0: none (older checkpoints)
 
     @property
     def edge(self) -> int:
@@ -82,7 +83,7 @@ class NoduleClassifier3D(nn.Module):
     -> (B,) logits.
     """
 
-    def __init__(self, spec: ClassifierSpec = ClassifierSpec()):
+    def __init__(self, spec: ClassifierSpec):
         super().__init__()
         self.spec = spec
         w = spec.width
