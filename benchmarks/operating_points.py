@@ -9,11 +9,14 @@ two rules, and prints the false positives per held-out scan and the sensitivity 
 - ``calibrated``: the k-th most probable validation false positive's probability
   (``noduledet.metrics.froc.calibrated_thresholds``, what training stores);
 - ``lowest``: just above the (k+1)-th, the lowest threshold passing k there (``thresholds_at``,
-  what training stored before).
+  what training stored before);
+- ``limited``: ``calibrated``, and on each held-out scan at most as many findings as the busiest
+  validation scan had at that threshold (``calibrated_max_findings``, what training stores now).
 
-Both pass k = floor(R x validation scans) validation false positives (fewer on ties); the second
-expects one more per validation set on new scans. With several checkpoints (seeds), the mean
-and std over them follow::
+All pass k = floor(R x validation scans) validation false positives (fewer on ties); ``lowest``
+expects one more per validation set on new scans; ``limited`` changes nothing on the validation
+scans and shortens a held-out scan's list where far more candidates pass than on any of them.
+With several checkpoints (seeds), the mean and std over them follow::
 
     python benchmarks/operating_points.py --checkpoint runs/s0/best.pt runs/s1/best.pt runs/s2/best.pt
 """
@@ -31,18 +34,25 @@ import torch
 from noduledet.data.cache import SliceCache
 from noduledet.errors import UserError
 from noduledet.fpr import stage_outcomes
-from noduledet.metrics.froc import OPERATING_RATES, ScanOutcome, at_thresholds, calibrated_thresholds, thresholds_at
+from noduledet.metrics.froc import (OPERATING_RATES, ScanOutcome, at_thresholds, calibrated_max_findings,
+                                     calibrated_thresholds, limited, thresholds_at)
 from noduledet.pipeline import Pipeline
 
 RULES = {"calibrated": calibrated_thresholds, "lowest": thresholds_at}
 
 
-def realized(validation: list[ScanOutcome], held_out: list[ScanOutcome],
+def realized(validation: list[ScanOutcome], held_out: list[ScanOutcome], listed: tuple[list, list],
              rates=OPERATING_RATES) -> dict[str, list[dict]]:
     """Per rule, per rate: the threshold from ``validation`` and the false positives per scan and
-    sensitivity it gives on ``held_out``."""
-    return {name: [{"rate": r, **row} for r, row in zip(rates, at_thresholds(held_out, rule(validation, rates)))]
+    sensitivity it gives on ``held_out`` (``listed``: the validation and held-out scans'
+    probabilities of the candidates each lists)."""
+    rows = {name: [{"rate": r, **row} for r, row in zip(rates, at_thresholds(held_out, rule(validation, rates)))]
             for name, rule in RULES.items()}
+    thresholds = calibrated_thresholds(validation, rates)
+    rows["limited"] = [{"rate": r, **at_thresholds(limited(held_out, listed[1], most), [t])[0],
+                        "max_findings": most}
+                       for r, t, most in zip(rates, thresholds, calibrated_max_findings(listed[0], thresholds))]
+    return rows
 
 
 def splits_of(checkpoint: Path) -> dict:
@@ -66,7 +76,9 @@ def measure(checkpoint: Path, held_out_cache: Path | None) -> dict[str, list[dic
     held_out = other.uids if held_out_cache else splits.get("test", [])
     if not held_out:
         raise UserError(f"{checkpoint}: the run has no test scans; give --held-out-cache")
-    return realized(stage_outcomes(pipeline, cache, splits["val"])[1], stage_outcomes(pipeline, other, held_out)[1])
+    _, validation, val_listed = stage_outcomes(pipeline, cache, splits["val"])
+    _, scored, listed = stage_outcomes(pipeline, other, held_out)
+    return realized(validation, scored, (val_listed, listed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfalse positives per held-out scan, mean ± std over {len(runs)} runs (sensitivity)\n")
         print("| rule | " + " | ".join(f"{r:g} FP/scan" for r in OPERATING_RATES) + " |")
         print("|---|" + "---:|" * len(OPERATING_RATES))
-        for name in RULES:
+        for name in runs[0]:
             fp = np.array([[r["fp_per_scan"] for r in run[name]] for run in runs])
             sens = np.array([[r["sensitivity"] for r in run[name]] for run in runs])
             print(f"| {name} | " + " | ".join(f"{m:.2f} ± {s:.2f} ({v:.3f})" for m, s, v in

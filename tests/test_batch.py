@@ -132,6 +132,21 @@ def test_an_operating_point_gives_the_findings_a_reader_reviews(phantom_root, ra
     assert sum(counts) == len(findings) and all(set(s["findings_at_fp_per_scan"]) == {"1/2", "1", "2", "4"}
                                                 for s in summary)
     assert (out / "index.html").stat().st_size > 1000
+    # with at most one finding per scan at 2 FP/scan: each scan's most probable candidate at or above 0.3
+    assert max(s["findings_at_fp_per_scan"]["2"] for s in summary) > 1  # a scan the limit shortens
+    ckpt.operating_points["max_findings"] = [1, 2, 1, 3]
+    checkpoint.save(ckpt, tmp_path / "m.pt")
+    assert main(["predict", str(phantom_root), "--checkpoint", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m"),
+                 "--no-pictures", "--operating-point", "2"]) == 0
+    firsts = {}
+    for row in (tmp_path / "m" / "candidates.csv").read_text().splitlines()[1:]:
+        if float(row.split(",")[-1]) >= 0.3:
+            firsts.setdefault(row.split(",")[0], row)
+    assert (tmp_path / "m" / "findings.csv").read_text().splitlines()[1:] == list(firsts.values())
+    capped = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert [s["findings_at_fp_per_scan"] for s in capped] == [
+        {"1/2": min(s["findings_at_fp_per_scan"]["1/2"], 1), "1": min(s["findings_at_fp_per_scan"]["1"], 2),
+         "2": min(s["findings_at_fp_per_scan"]["2"], 1), "4": min(s["findings_at_fp_per_scan"]["4"], 3)} for s in summary]
     assert main(["predict", str(phantom_root), "--checkpoint", str(random_checkpoint), "-o", str(tmp_path / "x"),
                  "--operating-point", "1"]) == 2
     assert "no calibrated operating points" in capsys.readouterr().err

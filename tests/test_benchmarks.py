@@ -125,11 +125,19 @@ def test_operating_points_by_hand():
     validation = [ScanOutcome(np.array([0.95, 0.6]), np.array([0.9, 0.8])),
                   ScanOutcome(np.array([-np.inf]), np.array([0.7, 0.2]))]
     held_out = [ScanOutcome(np.array([0.85, 0.75]), np.array([0.8, 0.72, 0.1]))]
-    rows = realized(validation, held_out, rates=(1.0,))
+    listed = ([np.array([0.95, 0.9, 0.8, 0.6]), np.array([0.7, 0.2])], [np.array([0.85, 0.8, 0.75, 0.72, 0.1])])
+    rows = realized(validation, held_out, listed, rates=(1.0,))
     # 1 FP/scan on two validation scans allows 2: the 2nd highest (0.8) passes one held-out false
     # positive and the 0.85 nodule; just above the 3rd (0.7) passes 0.8 and 0.72 and both nodules
     assert rows["calibrated"] == [{"rate": 1.0, "threshold": 0.8, "fp_per_scan": 1.0, "sensitivity": 0.5}]
     assert rows["lowest"][0]["fp_per_scan"] == 2.0 and rows["lowest"][0]["sensitivity"] == 1.0
+    # at 0.8 the busiest validation scan lists 3 (0.95, 0.9, 0.8): the held-out scan's 0.85 and 0.8 pass anyway
+    assert rows["limited"] == [{"rate": 1.0, "threshold": 0.8, "fp_per_scan": 1.0, "sensitivity": 0.5, "max_findings": 3}]
+    busy = realized(validation, held_out, ([np.array([0.9, 0.8])], listed[1]), rates=(1.0,))
+    assert busy["limited"][0] == {"rate": 1.0, "threshold": 0.8, "fp_per_scan": 1.0, "sensitivity": 0.5,
+                                  "max_findings": 2}
+    capped = realized(validation, held_out, ([np.array([0.9])], listed[1]), rates=(1.0,))["limited"][0]
+    assert (capped["max_findings"], capped["fp_per_scan"], capped["sensitivity"]) == (1, 0.0, 0.5)  # the 0.85 nodule only
 
 
 def test_operating_points_on_a_trained_run(trained, phantom_cache, capsys):
@@ -137,12 +145,12 @@ def test_operating_points_on_a_trained_run(trained, phantom_cache, capsys):
 
     assert main(["--checkpoint", str(trained / "best.pt"), str(trained / "best.pt"), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    table = [line.split("|") for line in out.splitlines() if line.startswith(("| calibrated", "| lowest"))]
-    assert len(table) == 2 and all(len(row) == 7 for row in table)
+    table = [line.split("|") for line in out.splitlines() if line.startswith(("| calibrated", "| lowest", "| limited"))]
+    assert len(table) == 3 and all(len(row) == 7 for row in table)
     assert all(" ± 0.00 " in cell for row in table for cell in row[2:6])  # the same run twice: no spread
-    calibrated = [float(cell.split("±")[0]) for cell in table[0][2:6]]
-    lowest = [float(cell.split("±")[0]) for cell in table[1][2:6]]
+    calibrated, lowest, capped = ([float(cell.split("±")[0]) for cell in row[2:6]] for row in table)
     assert calibrated == sorted(calibrated) and all(c <= w for c, w in zip(calibrated, lowest))
+    assert all(c <= w for c, w in zip(capped, calibrated))
     assert main(["--checkpoint", str(trained / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.pt" in err

@@ -209,6 +209,7 @@ def test_stage_two_is_trained_again_into_a_new_run_folder(trained, tmp_path, cap
     assert new.config.stage2.size == 8 and load_config(out / "config.yaml").stage2.size == 8
     assert new.config.train.out == load_config(out / "config.yaml").train.out == str(out)
     assert new.operating_points["scans"] == old.operating_points["scans"] > 0
+    assert len(new.operating_points["max_findings"]) == 4 and min(new.operating_points["max_findings"]) >= 1
     assert all(torch.equal(v, new.model[k]) for k, v in old.model.items())  # stage one kept
     resumable = checkpoint.load(out / "last.pt")
     assert resumable.stage2["spec"]["size"] == 8 and resumable.training is not None

@@ -267,3 +267,18 @@ def test_slice_metrics_keeps_its_keys_and_adds_the_paper_ones():
            "slices", "score_threshold", "iou_threshold"}
     assert set(m) == old | {"ap_paper", "ap_paper_iou", "jaccard_set", "jaccard_set_mask"}
     assert (m["ap_paper"], m["jaccard_set"]) == (1.0, 1.0)
+
+
+def test_an_operating_point_lists_at_most_its_findings_per_scan():
+    from noduledet.evaluate import at_operating_points
+
+    nodules = Findings(np.array(["a", "b"]), np.array([[0.0, 0, 0], [100.0, 0, 0]]), np.array([10.0, 10.0]))
+    # scan a: its nodule at 0.6 behind false positives of 0.9 and 0.8; scan b: its nodule at 0.95, a false positive 0.7
+    table = Findings(np.array(["a", "a", "a", "b", "b"]),
+                     np.array([[0.0, 0, 0], [50.0, 0, 0], [60.0, 0, 0], [100.0, 0, 0], [150.0, 0, 0]]),
+                     np.array([0.6, 0.9, 0.8, 0.95, 0.7]))
+    outcomes = [scan_outcome(nodules.for_scan(u), Findings.empty(), table.for_scan(u)) for u in ("a", "b")]
+    points = {"fp_rates": [1.0, 2.0], "thresholds": [0.5, 0.5], "max_findings": [1, 0]}
+    rows = at_operating_points(points, outcomes, [table.for_scan(u).value for u in ("a", "b")])
+    # at most one a scan: a.s 0.9 (a false positive), b's 0.95 (its nodule); no limit: all five pass 0.5
+    assert [(r["fp_per_scan"], r["sensitivity"], r["max_findings"]) for r in rows] == [(0.5, 0.5, 1), (1.5, 1.0, 0)]

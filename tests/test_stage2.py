@@ -11,7 +11,8 @@ from noduledet.config import Config, EvalConfig
 from noduledet.data.patches import extract_patches, patch_offsets
 from noduledet.fpr import augment_cube, zoom_shift
 from noduledet.geometry import Geometry
-from noduledet.metrics.froc import ScanOutcome, at_thresholds, calibrated_thresholds, sensitivity_by_size, thresholds_at
+from noduledet.metrics.froc import (ScanOutcome, at_thresholds, calibrated_max_findings, calibrated_thresholds, max_findings,
+                                    sensitivity_by_size, thresholds_at)
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D, _HalvingMaxPool
 from tests.conftest import flipped_xy
 
@@ -222,6 +223,15 @@ def test_calibrated_thresholds_by_hand():
     # probabilities that tie (a saturated sigmoid): never more than k pass
     tied = calibrated_thresholds([ScanOutcome(np.zeros(0), np.array([1.0, 1.0, 0.3]))], (1.0, 2.0, 3.0))
     assert tied[0] > 1.0 and tied[1:] == [1.0, 0.3]
+
+
+def test_the_findings_per_scan_at_most_are_the_busiest_validation_scans():
+    listed = [np.array([0.95, 0.9, 0.8, 0.6]), np.array([0.7, 0.2]), np.zeros(0)]  # three scans' candidates
+    # at 0.85: 2, 0 and 0 pass; at 0.65: 3, 1, 0; at 0.2: 4, 2, 0; at 0.99 none anywhere: still 1
+    assert calibrated_max_findings(listed, [0.85, 0.65, 0.2, 0.99]) == [2, 3, 4, 1]
+    assert calibrated_max_findings([], [0.5]) == [1]
+    assert max_findings({"fp_rates": [0.5, 1.0], "thresholds": [0.9, 0.5]}) == [0, 0]  # before the limit: none
+    assert max_findings({"fp_rates": [0.5, 1.0], "thresholds": [0.9, 0.5], "max_findings": [2, 3]}) == [2, 3]
 
 
 def test_calibrated_thresholds_expect_the_rate_on_new_scans():

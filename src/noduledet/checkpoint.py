@@ -39,8 +39,8 @@ class Checkpoint:
         history: one dict per epoch (losses, validation metrics).
         training: optimiser, scheduler, scaler and RNG state (``last.pt`` only), or None.
         stage2: the false-positive-reduction classifier, {"spec": ..., "state": ...}, or None.
-        operating_points: {"fp_rates": [...], "thresholds": [...], ...} from the validation
-            scans (``noduledet.operating``), or None.
+        operating_points: {"fp_rates": [...], "thresholds": [...], "max_findings": [...], ...}
+            from the validation scans (``noduledet.fpr.calibrate``), or None.
         path: where it was read from (None until saved or loaded).
     """
 

@@ -29,7 +29,7 @@ from noduledet.distributed import barrier, gather, rank_and_world, resolve_devic
 from noduledet.errors import UserError
 from noduledet.metrics.coco import pr_curve, slice_metrics
 from noduledet.metrics.paired import scan_detections
-from noduledet.metrics.froc import at_thresholds, froc, plot_froc
+from noduledet.metrics.froc import at_thresholds, froc, limited, max_findings, plot_froc
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
 from noduledet.report import number, scan_level_lines, slice_table
@@ -139,6 +139,14 @@ def per_scan(uids: list[str], outcomes, preds: list[dict], targets: list[dict], 
     return out
 
 
+def at_operating_points(points: dict, outcomes: list, listed: list[np.ndarray]) -> list[dict]:
+    """False positives per scan and sensitivity at each calibrated operating point: each scan's
+    candidates at or above its threshold, at most its ``max_findings`` (``froc.limited``)."""
+    return [{"fp_rate_validation": rate, **at_thresholds(limited(outcomes, listed, most), [threshold])[0],
+             "max_findings": most}
+            for rate, threshold, most in zip(points["fp_rates"], points["thresholds"], max_findings(points))]
+
+
 def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, sc: SliceCache, uids: list[str],
                  chosen: str, results: dict[str, ScanResult], seconds: float) -> dict:
     """Both metric families from the pipeline's results; the report files written into ``tmp``."""
@@ -154,10 +162,9 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
         alone = froc(annotations, excluded, candidates_table({u: results[u].stage1 for u in uids}), uids,
                      e.max_candidates, 0)
         stages = {"froc_stage1": alone.to_dict()}
-    points = pipeline.operating_points
-    if points:  # the thresholds calibrated on the validation scans, applied to these scans
-        stages["operating_points"] = [{"fp_rate_validation": r, **row} for r, row in
-                                      zip(points["fp_rates"], at_thresholds(result.outcomes, points["thresholds"]))]
+    if pipeline.operating_points:  # calibrated on the validation scans, applied to these scans
+        listed = [np.array([c.probability for c in results[u].candidates[:e.max_candidates]]) for u in uids]
+        stages["operating_points"] = at_operating_points(pipeline.operating_points, result.outcomes, listed)
     variant = pipeline.detector.variant
     report = {
         "checkpoint": str(checkpoint), "variant": variant, "epoch": pipeline.epoch, "data": str(luna.root),

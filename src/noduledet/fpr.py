@@ -43,8 +43,8 @@ from noduledet.data.dataset import vessel_like
 from noduledet.data.lesions import paste_nodule, paste_vessel, pasteable
 from noduledet.data.luna16 import Findings
 from noduledet.data.patches import extract_patches, linear_weights, resample_separable
-from noduledet.metrics.froc import (OPERATING_RATES, calibrated_thresholds, froc_curve, hits, scan_outcome,
-                                     sensitivities_at)
+from noduledet.metrics.froc import (OPERATING_RATES, calibrated_max_findings, calibrated_thresholds, froc_curve, hits,
+                                     scan_outcome, sensitivities_at)
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
 from noduledet.pipeline import Pipeline, candidates_table
 from noduledet.progress import track
@@ -187,24 +187,28 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
 PASTE = {1: paste_nodule, 0: paste_vessel}
 
 
-def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> tuple[list, list]:
-    """Each scan's ``ScanOutcome`` (FROC rules) of stage one alone and of both stages."""
-    one, both = [], []
+def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> tuple[list, list, list]:
+    """Each scan's ``ScanOutcome`` (FROC rules) of stage one alone and of both stages, and the
+    probabilities of the candidates it lists (both stages)."""
+    one, both, listed = [], [], []
     for uid in track(progress, uids):
         nodules, excluded = scan_findings(cache, uid)
         result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
         for scored, cands in ((one, result.stage1), (both, result.candidates)):
             table = candidates_table({uid: cands})
             scored.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
-    return one, both
+        listed.append(np.array([c.probability for c in result.candidates[:pipeline.settings.max_candidates]]))
+    return one, both, listed
 
 
 def calibrate(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict:
     """Both stages over ``uids``: the thresholds expected to give ``OPERATING_RATES`` false
-    positives per new scan (``calibrated_thresholds``), and the CPM of stage one alone and of
-    both stages there."""
-    one, both = stage_outcomes(pipeline, cache, uids, progress)
-    return {"fp_rates": list(OPERATING_RATES), "thresholds": calibrated_thresholds(both), "scans": len(uids),
+    positives per new scan (``calibrated_thresholds``) and the findings per scan at most there
+    (``calibrated_max_findings``), and the CPM of stage one alone and of both stages there."""
+    one, both, listed = stage_outcomes(pipeline, cache, uids, progress)
+    thresholds = calibrated_thresholds(both)
+    return {"fp_rates": list(OPERATING_RATES), "thresholds": thresholds,
+            "max_findings": calibrated_max_findings(listed, thresholds), "scans": len(uids),
             "cpm_stage1": float(sensitivities_at(*froc_curve(one)).mean()),
             "cpm": float(sensitivities_at(*froc_curve(both)).mean())}
 

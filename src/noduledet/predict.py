@@ -17,7 +17,8 @@ a LUNA16 root (``subset*/``), a manifest (one path a line) or a series on a DICO
 
 ``OUT/run.json``, ``candidates.csv``, ``summary.json`` and ``findings.csv`` are the run's
 (``noduledet.batch``: resume, shards, gather). The findings are the candidates at or above the
-operating point (``--operating-point``, calibrated on validation scans) or ``score_threshold``.
+operating point (``--operating-point``, calibrated on validation scans: a threshold and at most as
+many findings per scan as the busiest validation scan had there) or ``score_threshold``.
 Under ``torchrun`` the scans are shared out among the processes; rank 0 merges at the end.
 """
 
@@ -41,7 +42,7 @@ from noduledet.distributed import barrier, rank_and_world, resolve_device
 from noduledet.errors import NoSpaceError, UserError
 from noduledet.geometry import voxel_to_pixel
 from noduledet.merge import Candidate
-from noduledet.metrics.froc import fp_label
+from noduledet.metrics.froc import fp_label, max_findings
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
 from noduledet.staging import staged_dir, write_text
@@ -61,27 +62,37 @@ class PredictOptions:
     pictures: bool = True
     operating_point: float | None = None  # false positives per scan of a calibrated operating point
     threshold: float = 0.5  # the findings' probability threshold (the operating point's when given)
+    max_findings: int = 0  # findings per scan at most, the most probable (the operating point's; 0: no limit)
     reports: bool = True  # DICOM SR (and SEG) for DICOM inputs
     viewer: bool = True  # OUT/index.html
 
+    def findings(self, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates (most probable first) a reader is shown: at or above the threshold,
+        at most ``max_findings``."""
+        kept = [c for c in candidates if c.probability >= self.threshold]
+        return kept[:self.max_findings] if self.max_findings else kept
+
 
 def _findings_at(points: dict | None, candidates: list[Candidate]) -> dict:
-    """How many candidates pass each calibrated operating point (nothing without them)."""
+    """How many findings each calibrated operating point gives (nothing without them)."""
     if not points:
         return {}
-    return {"findings_at_fp_per_scan": {fp_label(r): sum(c.probability >= t for c in candidates)
-                                        for r, t in zip(points["fp_rates"], points["thresholds"])}}
+    counts = {fp_label(r): len(PredictOptions(threshold=t, max_findings=n).findings(candidates))
+              for r, t, n in zip(points["fp_rates"], points["thresholds"], max_findings(points))}
+    return {"findings_at_fp_per_scan": counts}
 
 
-def operating_threshold(points: dict | None, rate: float, checkpoint: str | Path) -> float:
-    """The probability threshold calibrated for ``rate`` false positives per scan."""
+def operating_point(points: dict | None, rate: float, checkpoint: str | Path) -> tuple[float, int]:
+    """The probability threshold calibrated for ``rate`` false positives per scan, and the
+    findings per scan at most there."""
     if not points:
         raise UserError(f"{checkpoint}: no calibrated operating points (a run without a second stage or without "
                         f"validation scans); use --score-threshold")
     if rate not in points["fp_rates"]:
         raise UserError(f"--operating-point {rate:g}: this checkpoint has {', '.join(f'{r:g}' for r in points['fp_rates'])}"
                         f" false positives per scan")
-    return points["thresholds"][points["fp_rates"].index(rate)]
+    k = points["fp_rates"].index(rate)
+    return points["thresholds"][k], max_findings(points)[k]
 
 
 def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: PredictOptions = PredictOptions()) -> dict:
@@ -95,14 +106,15 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
     if options.pictures:
         for k, c in enumerate(result.candidates[:options.top]):
             draw_candidate(volume, c, k + 1, folder / f"top{k + 1}.png")
-    labels = label_volume(volume, result, options.threshold) if pipeline.detector.masks and result.candidates else None
+    findings = options.findings(result.candidates)
+    labels = label_volume(volume, result, findings) if pipeline.detector.masks and result.candidates else None
     if labels is not None:
         write_ct(CTVolume(labels, volume.geometry), folder / "mask.nii.gz")
     write_findings(folder / "candidates.csv", candidates_table({scan.name: result.candidates}), "probability")
     if options.reports and scan.path.is_dir():
-        write_reports(scan, result, labels, volume, folder, options)
+        write_reports(scan, findings, labels, volume, folder, options)
     if options.viewer:
-        write_viewer_payload(scan, volume, result, folder, options.threshold)
+        write_viewer_payload(scan, volume, findings, folder)
     timings = {"read_s": read_s, **result.timings, "outputs_s": time.perf_counter() - t}
     parts = ("slice_preparation_s", "detector_s")  # inside slices_and_detector_s
     summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
@@ -127,12 +139,13 @@ def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> Non
                     max(c.diameter_mm / 2, 2.0), title, path)
 
 
-def label_volume(volume: CTVolume, result: ScanResult, threshold: float) -> np.ndarray:
-    """Label volume (finding rank, 1..MAX_LABEL) from the Mask R-CNN masks of the candidates at or above
-    ``threshold``, in the input's geometry; a blob-filter spot (no slice masks) is the ball of its size."""
+def label_volume(volume: CTVolume, result: ScanResult, findings: list[Candidate]) -> np.ndarray:
+    """Label volume (finding rank, 1..MAX_LABEL) from the Mask R-CNN masks of ``findings`` (the
+    result's, most probable first), in the input's geometry; a blob-filter spot (no slice masks) is
+    the ball of its size."""
     labels = np.zeros(volume.hu.shape, dtype=np.int16)
     z0, y0, x0 = result.region.start_zyx
-    for rank, c in enumerate([c for c in result.candidates if c.probability >= threshold][:MAX_LABEL], start=1):
+    for rank, c in enumerate(findings[:MAX_LABEL], start=1):
         if not c.members:
             label_ball(labels, c, volume.geometry.spacing, rank)
         for k, j in c.members:
@@ -159,16 +172,16 @@ def label_ball(labels: np.ndarray, c: Candidate, spacing_xyz, rank: int) -> None
     view[(dz ** 2 + dy ** 2 + dx ** 2 <= r * r) & (view == 0)] = rank
 
 
-def write_reports(scan: ScanInput, result: ScanResult, labels: np.ndarray | None, volume: CTVolume, folder: Path,
-                  options: PredictOptions) -> None:
-    """For a DICOM input with findings: ``sr.dcm`` (TID 1500) and, with masks, ``seg.dcm``."""
+def write_reports(scan: ScanInput, findings: list[Candidate], labels: np.ndarray | None, volume: CTVolume,
+                  folder: Path, options: PredictOptions) -> None:
+    """For a DICOM input with ``findings``: ``sr.dcm`` (TID 1500) and, with masks, ``seg.dcm``."""
     from noduledet.clinical import findings_from_candidates
     from noduledet.clinical.seg import label_volumes_mm3, write_seg
     from noduledet.clinical.source import read_series_headers
     from noduledet.clinical.sr import write_sr
 
     volumes = label_volumes_mm3(labels, volume.geometry.spacing) if labels is not None else None
-    findings = findings_from_candidates([c.to_dict() for c in result.candidates], options.threshold, volumes)
+    findings = findings_from_candidates([c.to_dict() for c in findings], options.threshold, volumes)
     if not findings:
         return  # a TID 1500 report needs a finding
     sources = read_series_headers(scan.path, options.series)
@@ -177,13 +190,11 @@ def write_reports(scan: ScanInput, result: ScanResult, labels: np.ndarray | None
         write_seg(labels, findings[:MAX_LABEL], sources, folder / "seg.dcm")  # label_volume's ranks
 
 
-def write_viewer_payload(scan: ScanInput, volume: CTVolume, result: ScanResult, folder: Path,
-                         threshold: float) -> None:
+def write_viewer_payload(scan: ScanInput, volume: CTVolume, findings: list[Candidate], folder: Path) -> None:
     """The scan's part of ``OUT/index.html``: its findings and the slices around them."""
     from noduledet.clinical.viewer import ViewerScan, scan_payload
 
-    findings = [c.to_dict() for c in result.candidates if c.probability >= threshold]
-    payload = scan_payload(ViewerScan(scan.name, volume.hu, volume.geometry.spacing, findings))
+    payload = scan_payload(ViewerScan(scan.name, volume.hu, volume.geometry.spacing, [c.to_dict() for c in findings]))
     (folder / "viewer.json").write_text(json.dumps(payload, separators=(",", ":")))
 
 
@@ -197,7 +208,8 @@ def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
             raise UserError(first)
         raise UserError(f"{out}: {len(failed)} of {len(names)} scans failed (first: {first}); the others are "
                         f"written; see {out / 'failed'}, fix them and rerun with --resume")
-    summaries = merge([out / n for n in names], out, options.threshold if options.operating_point is not None else None)
+    summaries = merge([out / n for n in names], out, options.threshold if options.operating_point is not None else None,
+                      options.max_findings)
     if options.viewer:
         from noduledet.clinical.viewer import page
 
@@ -245,8 +257,9 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, o
     pipeline = Pipeline.from_checkpoint(checkpoint, resolve_device(device), **(overrides or {}))
     threshold = pipeline.settings.score_threshold
     if options.operating_point is not None:
-        threshold = operating_threshold(pipeline.operating_points, options.operating_point, checkpoint)
+        threshold, most = operating_point(pipeline.operating_points, options.operating_point, checkpoint)
         pipeline.settings = replace(pipeline.settings, score_threshold=threshold)
+        options = replace(options, max_findings=most)
     options = replace(options, threshold=threshold)
     mine = scans[shard[0]::shard[1]] if shard else scans
     rank, world = rank_and_world()

@@ -71,10 +71,12 @@ def scan_level_lines(report: dict) -> list[str]:
                   f"reduction (below): CPM {number(f['cpm'])}.", ""]
     lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *size_table(f)]
     if report.get("operating_points"):
-        lines += ["", "Operating points (thresholds calibrated on the validation scans, applied here):", "",
-                  "| calibrated for FP/scan | threshold | FP/scan here | sensitivity here |", "|---:|---:|---:|---:|",
-                  *[f"| {fp_label(p['fp_rate_validation'])} | {p['threshold']:.3f} | {p['fp_per_scan']:.2f} | "
-                    f"{number(p['sensitivity'])} |" for p in report["operating_points"]]]
+        lines += ["", "Operating points (a threshold and the findings per scan at most, calibrated on the validation "
+                  "scans, applied here):", "",
+                  "| calibrated for FP/scan | threshold | findings per scan at most | FP/scan here | sensitivity here |",
+                  "|---:|---:|---:|---:|---:|",
+                  *[f"| {fp_label(p['fp_rate_validation'])} | {p['threshold']:.3f} | {p.get('max_findings') or 'no limit'} | "
+                    f"{p['fp_per_scan']:.2f} | {number(p['sensitivity'])} |" for p in report["operating_points"]]]
     return lines
 
 

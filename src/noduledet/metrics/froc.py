@@ -159,6 +159,44 @@ def calibrated_thresholds(outcomes: list[ScanOutcome], rates=OPERATING_RATES) ->
     return out
 
 
+def calibrated_max_findings(scan_probs: list[np.ndarray], thresholds) -> list[int]:
+    """For each threshold, the most candidates any of these (validation) scans has at or above it
+    (at least 1): what a new scan lists at most at that operating point.
+
+    A threshold read off the validation scans gives their false positives per scan in the mean,
+    not on a scan unlike them (another scanner, a busy vessel tree), where far more candidates
+    can pass it; the limit keeps such a scan's list as long as the busiest validation scan's, and
+    changes nothing on the validation scans themselves.
+
+    Args:
+        scan_probs: per scan, the probabilities of the candidates it lists.
+    """
+    return [max(1, max((int((np.asarray(p) >= t).sum()) for p in scan_probs), default=0)) for t in thresholds]
+
+
+def max_findings(points: dict) -> list[int]:
+    """Each calibrated operating point's findings per scan at most (0: no limit, as in checkpoints
+    from before the limit)."""
+    return points.get("max_findings") or [0] * len(points["fp_rates"])
+
+
+def limited(outcomes: list[ScanOutcome], listed: list[np.ndarray], most: int) -> list[ScanOutcome]:
+    """The outcomes of each scan's ``most`` most probable candidates (0: all of them).
+
+    Args:
+        listed: per scan, the probabilities of every candidate it lists (hits, false positives
+            and those the outcome ignores, such as a second hit on a nodule: each takes a place).
+    """
+    if not most:
+        return outcomes
+    out = []
+    for o, probs in zip(outcomes, listed):
+        floor = np.sort(probs)[::-1][most - 1] if len(probs) >= most else -np.inf  # ties with it stay too
+        nodules = np.where(o.nodule_probs >= floor, o.nodule_probs, -np.inf)
+        out.append(ScanOutcome(nodules, o.fp_probs[o.fp_probs >= floor]))
+    return out
+
+
 def at_thresholds(outcomes: list[ScanOutcome], thresholds) -> list[dict]:
     """False positives per scan and sensitivity of the candidates scoring at least each threshold."""
     probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
