@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ckpt}: held-out {args.held_out_cache or 'test split'}")
         for name, rows in runs[-1].items():
             print(f"  {name:10s} " + "  ".join(f"{r['rate']:g} FP: {r['fp_per_scan']:.2f} at {r['sensitivity']:.3f}"
+                                             + (f" (at most {r['max_findings']})" if "max_findings" in r else "")
                                              for r in rows))
     if len(runs) > 1:
         print(f"\nfalse positives per held-out scan, mean ± std over {len(runs)} runs (sensitivity)\n")

@@ -151,6 +151,7 @@ def test_operating_points_on_a_trained_run(trained, phantom_cache, capsys):
     calibrated, lowest, capped = ([float(cell.split("±")[0]) for cell in row[2:6]] for row in table)
     assert calibrated == sorted(calibrated) and all(c <= w for c, w in zip(calibrated, lowest))
     assert all(c <= w for c, w in zip(capped, calibrated))
+    assert out.count("(at most ") == 8  # each run's four limits, printed beside its rows
     assert main(["--checkpoint", str(trained / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.pt" in err
