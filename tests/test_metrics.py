@@ -280,5 +280,5 @@ def test_an_operating_point_lists_at_most_its_findings_per_scan():
     outcomes = [scan_outcome(nodules.for_scan(u), Findings.empty(), table.for_scan(u)) for u in ("a", "b")]
     points = {"fp_rates": [1.0, 2.0], "thresholds": [0.5, 0.5], "max_findings": [1, 0]}
     rows = at_operating_points(points, outcomes, [table.for_scan(u).value for u in ("a", "b")])
-    # at most one a scan: a.s 0.9 (a false positive), b's 0.95 (its nodule); no limit: all five pass 0.5
+    # at most one per scan: a's 0.9 (a false positive), b's 0.95 (its nodule); no limit: all five pass 0.5
     assert [(r["fp_per_scan"], r["sensitivity"], r["max_findings"]) for r in rows] == [(0.5, 0.5, 1), (1.5, 1.0, 0)]
