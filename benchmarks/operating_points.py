@@ -46,12 +46,13 @@ def realized(validation: list[ScanOutcome], held_out: list[ScanOutcome], listed:
     """Per rule, per rate: the threshold from ``validation`` and the false positives per scan and
     sensitivity it gives on ``held_out`` (``listed``: the validation and held-out scans'
     probabilities of the candidates each lists)."""
-    rows = {name: [{"rate": r, **row} for r, row in zip(rates, at_thresholds(held_out, rule(validation, rates)))]
-            for name, rule in RULES.items()}
-    thresholds = calibrated_thresholds(validation, rates)
+    thresholds = {name: rule(validation, rates) for name, rule in RULES.items()}
+    rows = {name: [{"rate": r, **row} for r, row in zip(rates, at_thresholds(held_out, thresholds[name]))]
+            for name in RULES}
+    calibrated = thresholds["calibrated"]
     rows["limited"] = [{"rate": r, **at_thresholds(limited(held_out, listed[1], most), [t])[0],
                         "max_findings": most}
-                       for r, t, most in zip(rates, thresholds, calibrated_max_findings(listed[0], thresholds))]
+                       for r, t, most in zip(rates, calibrated, calibrated_max_findings(listed[0], calibrated))]
     return rows
 
 

@@ -163,8 +163,8 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
                      e.max_candidates, 0)
         stages = {"froc_stage1": alone.to_dict()}
     if pipeline.operating_points:  # calibrated on the validation scans, applied to these scans
-        listed = [np.array([c.probability for c in results[u].candidates[:e.max_candidates]]) for u in uids]
-        stages["operating_points"] = at_operating_points(pipeline.operating_points, result.outcomes, listed)
+        stages["operating_points"] = at_operating_points(pipeline.operating_points, result.outcomes,
+                                                         [table.for_scan(u).value for u in uids])
     variant = pipeline.detector.variant
     report = {
         "checkpoint": str(checkpoint), "variant": variant, "epoch": pipeline.epoch, "data": str(luna.root),

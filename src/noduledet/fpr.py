@@ -194,10 +194,10 @@ def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progr
     for uid in track(progress, uids):
         nodules, excluded = scan_findings(cache, uid)
         result = pipeline.run(cache.volume(uid), cache.geometry(uid), cache.region(uid))
-        for scored, cands in ((one, result.stage1), (both, result.candidates)):
-            table = candidates_table({uid: cands})
-            scored.append(scan_outcome(nodules, excluded, table, pipeline.settings.max_candidates))
-        listed.append(np.array([c.probability for c in result.candidates[:pipeline.settings.max_candidates]]))
+        alone, final = (candidates_table({uid: cands}) for cands in (result.stage1, result.candidates))
+        one.append(scan_outcome(nodules, excluded, alone, pipeline.settings.max_candidates))
+        both.append(scan_outcome(nodules, excluded, final, pipeline.settings.max_candidates))
+        listed.append(final.value)  # the pipeline keeps at most max_candidates
     return one, both, listed
 
 
