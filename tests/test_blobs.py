@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 
 from noduledet.blobs import _maximum_3x3x3, blob_points, find_blobs, suppress
+from noduledet.candidates import Candidate
 from noduledet.geometry import Geometry
-from noduledet.merge import Candidate
 
 BALLS = {"small": ((-10.0, 8.0, 30.0), 1.6), "large": ((15.0, -12.0, 40.0), 5.0)}  # world centre, radius mm
 

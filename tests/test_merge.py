@@ -2,7 +2,8 @@ import numpy as np
 
 from noduledet.boxes import sphere_box
 from noduledet.geometry import Geometry
-from noduledet.merge import SliceDetections, merge_slices
+from noduledet.candidates import SliceDetections
+from noduledet.merge import merge_slices
 
 G = Geometry((0.7, 0.7, 1.25), (-100.0, 50.0, -300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (60, 200, 200))
 

@@ -134,7 +134,7 @@ def test_predict_and_evaluate_shard_scans_under_torchrun(phantom_root, trained, 
 
 
 def test_a_blob_spot_is_labelled_as_the_ball_of_its_size():
-    from noduledet.merge import Candidate
+    from noduledet.candidates import Candidate
     from noduledet.predict import label_ball
 
     labels = np.zeros((40, 60, 60), dtype=np.int16)

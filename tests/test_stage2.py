@@ -298,7 +298,7 @@ def test_pipeline_rescores_with_the_second_stage():
 
 def test_the_pipeline_cuts_the_wider_cube_for_a_classifier_with_context():
     from noduledet.inference import Detector
-    from noduledet.merge import Candidate
+    from noduledet.candidates import Candidate
     from noduledet.pipeline import Pipeline
     from tests.test_pipeline import BrightBlobs
 
@@ -321,7 +321,7 @@ def test_the_pipeline_cuts_the_wider_cube_for_a_classifier_with_context():
 
 def test_the_most_probable_cubes_are_scored_under_the_eight_flips():
     from noduledet.inference import Detector
-    from noduledet.merge import Candidate
+    from noduledet.candidates import Candidate
     from noduledet.pipeline import Pipeline
     from tests.test_pipeline import BrightBlobs
 

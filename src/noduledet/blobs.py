@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from noduledet.candidates import Candidate
 from noduledet.data.ct import CTVolume
 from noduledet.data.lung import segment_lungs
 from noduledet.geometry import Geometry
-from noduledet.merge import Candidate
 
 SIGMAS_MM = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # each 1.4 times the last
 MIN_RESPONSE_HU = 20.0  # a difference-of-Gaussians peak weaker than this is texture

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from noduledet.boxes import scale_boxes, shift_boxes
+from noduledet.candidates import SliceDetections
 from noduledet.checkpoint import Checkpoint, load_weights
 from noduledet.data.slices import resample, resample_masks, sample_planes, window, working_shape
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
-from noduledet.merge import SliceDetections
 from noduledet.models.detector import DetectorSpec, build_from_spec
 
 

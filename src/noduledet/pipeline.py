@@ -38,7 +38,8 @@ from noduledet.data.patches import extract_patches
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 from noduledet.inference import Detector
-from noduledet.merge import Candidate, SliceDetections, merge_slices
+from noduledet.candidates import Candidate, SliceDetections
+from noduledet.merge import merge_slices
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
 
 

@@ -36,12 +36,12 @@ import numpy as np
 from noduledet import plots
 from noduledet.batch import (ScanInput, done, expand_inputs, failures, merge, open_run, read_manifest,
                              record_failure, run_record)
+from noduledet.candidates import Candidate
 from noduledet.data.ct import CTVolume, read_ct, write_ct
 from noduledet.data.luna16 import write_findings
 from noduledet.distributed import barrier, rank_and_world, resolve_device
 from noduledet.errors import NoSpaceError, UserError
 from noduledet.geometry import voxel_to_pixel
-from noduledet.merge import Candidate
 from noduledet.metrics.froc import fp_label, max_findings
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
