@@ -3,7 +3,7 @@ import numpy as np
 from noduledet.boxes import sphere_box
 from noduledet.geometry import Geometry
 from noduledet.candidates import SliceDetections
-from noduledet.merge import merge_slices
+from noduledet.merge import merge_slices, z_steps
 
 G = Geometry((0.7, 0.7, 1.25), (-100.0, 50.0, -300.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (60, 200, 200))
 
@@ -63,3 +63,22 @@ def test_a_vessel_scoring_a_little_higher_does_not_take_the_centre():
 
 def test_low_scores_are_dropped():
     assert merge_slices(_sphere([30.0, 80, 80], 10, 0.01), G, min_score=0.05) == []
+
+
+def test_one_rule_turns_the_step_and_the_link_into_slices():
+    # (step_mm, link_mm, slice spacing) -> (step, gap): the step rounds, the gap floors but reaches the next step
+    assert z_steps(3.0, 3.0, 0.625) == (5, 5)  # 4.8 slices: the step 5, the link floored to 4 then raised
+    assert z_steps(3.0, 3.0, 0.8) == (4, 4)
+    assert z_steps(3.0, 3.0, 1.7) == (2, 2)
+    assert z_steps(3.0, 3.0, 2.0) == (2, 2)
+    assert z_steps(2.0, 3.0, 0.7) == (3, 4)  # the defaults, as before: every third slice, links 4 slices
+    assert z_steps(2.0, 3.0, 1.25) == (2, 2)
+    assert z_steps(0.0, 3.0, 1.0) == (1, 3)  # every slice
+
+
+def test_detections_a_step_apart_join_when_the_link_alone_falls_short():
+    g = Geometry((0.7, 0.7, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (20, 100, 100))
+    dets = [SliceDetections(z, np.array([[40.0, 40, 60, 60]]), np.array([0.9])) for z in (4, 6, 8)]
+    assert len(merge_slices(dets, g, link_mm=3.0)) == 3  # 2 slices = 4 mm: beyond the link on its own
+    [c] = merge_slices(dets, g, link_mm=3.0, step_mm=3.0)  # stage one looked at every second slice
+    assert c.slices == 3 and c.z_range == (4, 8)

@@ -14,6 +14,7 @@ from noduledet.data.ct import CTVolume, read_ct, write_ct, write_dicom
 from noduledet.data.luna16 import Luna16
 from noduledet.geometry import Geometry
 from noduledet.inference import Detector
+from noduledet.merge import z_steps
 from noduledet.models.detector import DetectorSpec
 from noduledet.pipeline import Pipeline
 from tests.conftest import flipped_xy
@@ -74,20 +75,21 @@ class BrightBlobs(torch.nn.Module):
         return out
 
 
-def _chest_with_nodule(flipped: bool) -> tuple[CTVolume, np.ndarray]:
-    """A body of soft tissue around air-filled lungs holding one 8 mm solid nodule; the nodule's world centre."""
-    n, nz = 80, 40
-    spacing = (0.8, 0.8, 1.5)
+def _chest_with_nodule(flipped: bool, spacing_z: float = 1.5, diameter: float = 8.0) -> tuple[CTVolume, np.ndarray]:
+    """A body of soft tissue around air-filled lungs holding one solid nodule (``diameter`` mm), 60 mm
+    of slices ``spacing_z`` apart; the nodule's world centre."""
+    n, nz = 80, int(round(60 / spacing_z))
+    spacing = (0.8, 0.8, spacing_z)
     yy, xx = np.mgrid[:n, :n]
     body = ((yy - 40) / 44) ** 2 + ((xx - 40) / 44) ** 2 <= 1  # wider than the image: it touches the border
     lungs = ((yy - 40) / 28) ** 2 + ((xx - 40) / 30) ** 2 <= 1
     plane = np.where(lungs, -850, np.where(body, 40, -1000)).astype(np.int16)
     hu = np.repeat(plane[None], nz, axis=0)
     hu[:3] = hu[-3:] = np.where(body, 40, -1000)  # closed at both ends
-    centre_zyx = np.array([20.0, 30.0, 50.0])
+    centre_zyx = np.array([nz / 2, 30.0, 50.0])
     zz, yv, xv = np.mgrid[:nz, :n, :n]
     ball = ((zz - centre_zyx[0]) * spacing[2]) ** 2 + ((yv - centre_zyx[1]) * spacing[1]) ** 2 + \
-        ((xv - centre_zyx[2]) * spacing[0]) ** 2 <= 4.0**2
+        ((xv - centre_zyx[2]) * spacing[0]) ** 2 <= (diameter / 2) ** 2
     hu[ball] = 40
     g = Geometry(spacing, (-30.0, 12.0, -200.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), hu.shape)
     volume = CTVolume(hu, g)
@@ -109,3 +111,18 @@ def test_candidates_land_on_the_nodule_in_world_mm_from_every_format(flipped, tm
         assert np.linalg.norm(c.world_xyz - world) < 0.8, (path, c.world_xyz, world)  # within a pixel
         np.testing.assert_allclose(volume.geometry.voxel_to_world(c.voxel_zyx), c.world_xyz, atol=1e-6)
         assert abs(c.diameter_mm - 8.0) < 1.7
+
+
+@pytest.mark.parametrize("spacing_z", [0.625, 0.8, 1.7, 2.0])
+def test_slices_3_mm_apart_link_into_one_candidate(spacing_z):
+    """eval.slice_step_mm=3 (= link_mm) on these slice spacings rounded the step past the link
+    gap: each slice looked at became a candidate of its own."""
+    volume, world = _chest_with_nodule(False, spacing_z, diameter=12.0)
+    pipeline = Pipeline(Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False),
+                        EvalConfig(slice_step_mm=3.0, link_mm=3.0), Config())
+    result = pipeline.run_volume(volume)
+    assert len(result.candidates) == 1, result.status
+    c = result.candidates[0]
+    assert c.slices >= 2  # the looked-at slices through the nodule joined
+    step_mm = z_steps(3.0, 3.0, spacing_z)[0] * spacing_z
+    assert np.linalg.norm(c.world_xyz[:2] - world[:2]) < 1.0 and abs(c.world_xyz[2] - world[2]) <= step_mm  # within a step

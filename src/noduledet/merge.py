@@ -1,12 +1,13 @@
 """Per-slice detections -> 3D nodule candidates in world coordinates.
 
-Detections on nearby slices (within ``link_mm`` in z) join when their boxes overlap (IoU >=
-``LINK_IOU``) or their centres lie within ``LINK_CENTRE`` of the larger box's size of each other;
-the connected groups are candidates. A candidate's probability is the group's highest score. Its
-peak is the widest detection scoring at least ``PEAK_SCORE`` of that (a nodule's equator rather
-than the vessel it touches); its centre is the score-weighted mean of the boxes within one radius
-(in z) of the peak — a vessel joining the chain must not drag the centre off the nodule — and its
-diameter the peak box's size.
+Detections on nearby slices join when their boxes overlap (IoU >= ``LINK_IOU``) or their centres
+lie within ``LINK_CENTRE`` of the larger box's size of each other; the connected groups are
+candidates. Nearby: within ``link_mm`` in z, and always the next slice stage one looked at
+(``z_steps``: one rule turns both distances into whole slices). A candidate's probability is the
+group's highest score. Its peak is the widest detection scoring at least ``PEAK_SCORE`` of that (a
+nodule's equator rather than the vessel it touches); its centre is the score-weighted mean of the
+boxes within one radius (in z) of the peak — a vessel joining the chain must not drag the centre
+off the nodule — and its diameter the peak box's size.
 """
 
 from __future__ import annotations
@@ -24,16 +25,41 @@ LINK_CENTRE = 0.25  # ... or whose centres lie within this fraction of the large
 PEAK_SCORE = 0.9  # the peak: the widest detection scoring at least this fraction of the group's best
 
 
+def z_steps(step_mm: float, link_mm: float, spacing_z: float) -> tuple[int, int]:
+    """Millimetres in z as whole slices, one rule for stage one's step and merge's link.
+
+    Args:
+        step_mm: how far apart the slices stage one looks at are (0: every slice).
+        link_mm: how far apart in z detections may still join.
+        spacing_z: the scan's slice spacing, mm.
+
+    Returns:
+        (step, gap): stage one looks at every ``step``-th slice (the nearest whole number to
+        ``step_mm``, at least 1); a detection joins those up to ``gap`` slices on (the whole
+        slices within ``link_mm``, and never fewer than ``step``: the next slice looked at is
+        always in reach; 3 mm steps on 0.625, 0.8, 1.7 or 2.0 mm slices once linked nothing).
+    """
+    step = max(1, int(round(step_mm / spacing_z))) if step_mm else 1
+    return step, max(step, int(np.floor(link_mm / spacing_z + 1e-6)))
+
+
 def merge_slices(detections: list[SliceDetections], geometry: Geometry, link_mm: float = 3.0,
-                 min_score: float = 0.05) -> list[Candidate]:
-    """Group per-slice boxes into 3D candidates, most probable first."""
+                 min_score: float = 0.05, step_mm: float = 0.0) -> list[Candidate]:
+    """Group per-slice boxes into 3D candidates, most probable first.
+
+    Args:
+        detections: per-slice detections, boxes in the volume's pixel frame.
+        link_mm: detections this far apart in z may join ...
+        min_score: ... when they score at least this.
+        step_mm: how far apart the slices stage one looked at are (``z_steps``; 0: every slice).
+    """
     items = [(k, i) for k, d in enumerate(detections) for i in np.nonzero(d.scores >= min_score)[0]]
     if not items:
         return []
     z = np.array([detections[k].z for k, _ in items])
     boxes = np.array([detections[k].boxes[i] for k, i in items], dtype=float)
     scores = np.array([detections[k].scores[i] for k, i in items], dtype=float)
-    gap = max(1, int(np.floor(link_mm / geometry.spacing[2] + 1e-6)))
+    gap = z_steps(step_mm, link_mm, geometry.spacing[2])[1]
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     by_slice = {int(s): np.nonzero(z == s)[0] for s in np.unique(z)}

@@ -39,7 +39,7 @@ from noduledet.errors import UserError
 from noduledet.geometry import Geometry
 from noduledet.inference import Detector
 from noduledet.candidates import Candidate, SliceDetections
-from noduledet.merge import merge_slices
+from noduledet.merge import merge_slices, z_steps
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
 
 
@@ -140,14 +140,14 @@ class Pipeline:
         if region.lung_slices:
             before = dict(self.detector.timings)
             t = time.perf_counter()
-            step = max(1, int(round(s.slice_step_mm / geometry.spacing[2]))) if s.slice_step_mm else 1
+            step = z_steps(s.slice_step_mm, s.link_mm, geometry.spacing[2])[0]
             detections = self.detector.detect(hu, geometry, region.lung_slices[::step])
             timings["slices_and_detector_s"] = time.perf_counter() - t
             timings["slice_preparation_s"] = self.detector.timings["prepare_s"] - before["prepare_s"]
             timings["detector_s"] = self.detector.timings["model_s"] - before["model_s"]
             t = time.perf_counter()
             keep = max(s.max_candidates, self.config.stage2.candidates) if self.classifier else s.max_candidates
-            merged = merge_slices(detections, geometry, s.link_mm, s.min_score)[:keep]
+            merged = merge_slices(detections, geometry, s.link_mm, s.min_score, s.slice_step_mm)[:keep]
             candidates = [c.moved(region.start_zyx) for c in merged]
             timings["merge_3d_s"] = time.perf_counter() - t
         stage1 = candidates[: s.max_candidates]
