@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from noduledet.evaluate import evaluate  # noqa: E402
 from noduledet.inference import Detector  # noqa: E402
 from noduledet.metrics.froc import froc  # noqa: E402
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table  # noqa: E402
+from noduledet.records import read_splits  # noqa: E402
 
 PATHS = {  # name: (crop to lungs, batch, channels_last, engine)
     "naive: every whole slice, batch 1": (False, 1, False, "torch"),
@@ -117,7 +117,7 @@ def quality(checkpoint: Path, tmp: Path) -> None:
     """CPM of the naive and cropped paths; mAP and CPM of both engines, on the run's test scans."""
     run = checkpoint.parent
     data = Luna16(ckpt_io.load(checkpoint).config.data.root)
-    test = json.loads((run / "splits.json").read_text())["test"]
+    test = read_splits(run)["test"]
     print(f"\n### quality on the {len(test)} held-out phantom scans of {run}\n")
     print("| path | slice mAP (nodule slices) | CPM | detector seconds |\n|---|---:|---:|---:|")
     for name in list(PATHS)[:2]:

@@ -24,7 +24,6 @@ With several checkpoints (seeds), the mean and std over them follow::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from noduledet.fpr import stage_outcomes
 from noduledet.metrics.froc import (OPERATING_RATES, ScanOutcome, at_thresholds, calibrated_max_findings,
                                      calibrated_thresholds, limited, thresholds_at)
 from noduledet.pipeline import Pipeline
+from noduledet.records import read_splits
 
 RULES = {"calibrated": calibrated_thresholds, "lowest": thresholds_at}
 
@@ -56,20 +56,12 @@ def realized(validation: list[ScanOutcome], held_out: list[ScanOutcome], listed:
     return rows
 
 
-def splits_of(checkpoint: Path) -> dict:
-    """The run's splits.json beside ``checkpoint``."""
-    path = checkpoint.parent / "splits.json"
-    if not path.is_file():
-        raise UserError(f"{path}: no splits.json beside the checkpoint (a run folder's best.pt is needed)")
-    return json.loads(path.read_text())
-
-
 def measure(checkpoint: Path, held_out_cache: Path | None) -> dict[str, list[dict]]:
     """Both stages of ``checkpoint`` on its validation and held-out scans; ``realized`` of them."""
     pipeline = Pipeline.from_checkpoint(checkpoint, "cpu")
     if pipeline.classifier is None:
         raise UserError(f"{checkpoint}: no second stage, so no operating points to calibrate")
-    splits = splits_of(checkpoint)
+    splits = read_splits(checkpoint.parent)
     if not splits.get("val"):
         raise UserError(f"{checkpoint}: the run has no validation scans to calibrate on")
     cache = SliceCache(pipeline.config.data.cache)

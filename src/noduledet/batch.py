@@ -20,7 +20,6 @@ are rebuilt from the folders. ``--shard I/N`` takes every N-th scan of the manif
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from noduledet import __version__
 from noduledet.data.ct import ct_kind
 from noduledet.data.luna16 import PREDICTION_COLUMNS, Findings, read_findings, write_findings
 from noduledet.errors import UserError
+from noduledet.records import RUN, read_run_record, read_scan_record, scan_done, write_run_record
 from noduledet.staging import atomic_write, refuse_existing, staged_dir, write_json
 
-RUN_FILE = "run.json"
 SAME = ("checkpoint_sha1", "settings", "options", "names", "shard")  # what a resumed run must share
 
 
@@ -139,8 +138,8 @@ def run_record(checkpoint: Path, settings: dict, options: dict, scans: list[Scan
 
 def open_run(out: Path, record: dict, force: bool, resume: bool) -> None:
     """Create ``out`` with its ``run.json`` or, resuming, check that it is this run's."""
-    if resume and (out / RUN_FILE).is_file():
-        old = json.loads((out / RUN_FILE).read_text())
+    if resume and (out / RUN).is_file():
+        old = read_run_record(out)
         differs = [k for k in SAME if old.get(k) != record[k]]
         if differs:
             raise UserError(f"{out}: a run with other {', '.join(differs)}; resume it with the same checkpoint, "
@@ -150,12 +149,12 @@ def open_run(out: Path, record: dict, force: bool, resume: bool) -> None:
     refuse_existing(out, force or (resume and empty))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    write_json(out / RUN_FILE, record)
+    write_run_record(out, record)
 
 
 def done(out: Path, name: str) -> bool:
     """True when the scan's folder is complete (it appears only so)."""
-    return (out / name / "scan.json").is_file()
+    return scan_done(out / name)
 
 
 def record_failure(out: Path, name: str, message: str | None) -> None:
@@ -180,7 +179,7 @@ def merge(folders: list[Path], out: Path, threshold: float | None = None, max_fi
     finished scans' folders; return the summaries."""
     summaries, tables, kept = [], [Findings.empty()], [Findings.empty()]
     for folder in folders:
-        summaries.append({k: v for k, v in json.loads((folder / "scan.json").read_text()).items() if k != "candidates"})
+        summaries.append(read_scan_record(folder)[0])
         tables.append(read_findings(folder / "candidates.csv", PREDICTION_COLUMNS))
         if threshold is not None:
             order = np.argsort(-tables[-1].value, kind="stable")
@@ -199,11 +198,7 @@ def gather(shards: list[str | Path], out: str | Path, force: bool = False, allow
            log=print) -> list[dict]:
     """Merge the shards of one run into ``out``: one CSV and summary, the missing scans named."""
     shards, out = [Path(s) for s in shards], Path(out)
-    records = []
-    for s in shards:
-        if not (s / RUN_FILE).is_file():
-            raise UserError(f"{s}: not a predict output (no {RUN_FILE})")
-        records.append(json.loads((s / RUN_FILE).read_text()))
+    records = [read_run_record(s) for s in shards]
     for s, r in zip(shards[1:], records[1:]):
         differs = [k for k in SAME[:-1] if r.get(k) != records[0].get(k)]
         if differs:
@@ -217,8 +212,8 @@ def gather(shards: list[str | Path], out: str | Path, force: bool = False, allow
     options = records[0]["options"]
     threshold = options.get("threshold") if options.get("operating_point") is not None else None
     with staged_dir(out, force) as tmp:
-        write_json(tmp / RUN_FILE, {**records[0], "shard": None, "gathered_from": [str(s) for s in shards],
-                                    "missing": missing})
+        write_run_record(tmp, {**records[0], "shard": None, "gathered_from": [str(s) for s in shards],
+                               "missing": missing})
         summaries = merge([found[n] for n in names if n in found], tmp, threshold, options.get("max_findings", 0))
     if log:
         log(f"gathered {len(found)} of {len(names)} scans from {len(shards)} shards into {out}"

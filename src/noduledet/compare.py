@@ -31,6 +31,7 @@ import numpy as np
 from noduledet.config import load_config
 from noduledet.errors import UserError
 from noduledet.models.detector import TABLES, paper_neck, same_network
+from noduledet.records import read_splits
 from noduledet.staging import atomic_write, write_text
 
 # As printed in Zhao, Zhao & Ahn 2024 (LUNA16; Jaccard and F1 in percent there, fractions here).
@@ -139,7 +140,7 @@ def run_compare(table: int, out: str | Path, data: str = "phantom", cache: str |
             results.setdefault(v, []).append(_train_and_evaluate(run, cfg, epochs, f"{runs[v]} seed {seed}", log))
             r = _metrics(results[v][-1][0])
             log(f"{v} seed {seed}: " + ", ".join(f"{label} {r[k]:.3f}" for k, label in METRICS))
-    splits = json.loads((out / "runs" / f"{runs[rows_of[0]]}-s{seeds[0]}" / "splits.json").read_text())
+    splits = read_splits(out / "runs" / f"{runs[rows_of[0]]}-s{seeds[0]}")
     protocol = (f"Data: {source}. The same split for every row ({len(splits['train'])} training, {len(splits['val'])} "
                 f"validation, {len(splits['test'])} test scans; split seed 0), {epochs} epochs, preset `{preset}`, "
                 f"neck protocol `{neck}`, seeds {list(seeds)}, no second stage.")

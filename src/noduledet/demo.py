@@ -20,6 +20,7 @@ import numpy as np
 
 from noduledet.config import Config, load_config
 from noduledet.errors import UserError
+from noduledet.records import read_scan_record, read_splits
 from noduledet.report import markdown_to_html, scan_level_lines, slice_table
 from noduledet.staging import staged_dir, write_text
 
@@ -83,7 +84,7 @@ def _run_stages(tmp: Path, cfg: Config, seed: int, scans: int, size: int, log, p
         else:
             data = Luna16(tmp / "data")
             annotations = data.annotations()
-            test = json.loads((tmp / "run" / "splits.json").read_text())["test"]
+            test = read_splits(tmp / "run")["test"]
             chosen = [u for u in test if len(annotations.for_scan(u))][:2] or test[:2]
             results["predict"] = predict([data.scan_path(u) for u in chosen], tmp / "run" / "best.pt",
                                          tmp / "predict", options=PredictOptions(top=3), log=None)
@@ -138,7 +139,7 @@ def write_report(tmp: Path, out: Path, cfg: Config, results: dict, stages: dict,
     pixel = np.mean([s["spacing_xyz"][0] for s in phantom["scans"]])
     report, f = results["evaluate"], results["evaluate"]["froc"]
     a, b = report["slice_metrics_nodule_slices"], report["slice_metrics_all_lung_slices"]
-    splits = json.loads((tmp / "run" / "splits.json").read_text())
+    splits = read_splits(tmp / "run")
     best_epoch = max(rows, key=lambda r: r.get("val_ap50", -1))["epoch"]
     t = cfg.train
     md = [
@@ -179,7 +180,7 @@ def _prediction_lines(tmp: Path, results: dict) -> list[str]:
     md = []
     for s in results["predict"]:
         truth = results["annotations"].for_scan(s["name"])
-        cands = json.loads((tmp / "predict" / s["name"] / "scan.json").read_text())["candidates"]
+        cands = read_scan_record(tmp / "predict" / s["name"])[1]
         md += [f"Scan `{s['name']}`: {s['status']} in {s['seconds']:.1f} s. Reference nodules: "
                + (", ".join(f"{d:.1f} mm at ({x:.0f}, {y:.0f}, {z:.0f})" for (x, y, z), d in zip(truth.xyz, truth.value))
                   or "none") + ".", ""]

@@ -16,7 +16,6 @@ epoch (DistributedSampler), validation is sharded and gathered, and rank 0 alone
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -38,8 +37,9 @@ from noduledet.fpr import stage2_done, train_stage2
 from noduledet.metrics.coco import slice_metrics
 from noduledet.models.detector import build_detector
 from noduledet.progress import Progress, track
+from noduledet.records import read_meta, write_meta
 from noduledet.runfolder import RunFolder, git_hash
-from noduledet.staging import staged_dir, write_json, write_text
+from noduledet.staging import staged_dir, write_text
 
 VALIDATION_KEYS = ("ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard")
 
@@ -382,10 +382,10 @@ def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[st
     run = RunFolder(folder, resume=True)
     run.set_stage2(None, None, config=cfg)  # the new settings, and no second stage until it is trained
     write_text(folder / "config.yaml", config_yaml(cfg))
-    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    meta = read_meta(folder)
     meta["stage2_retrained"] = {"from": str(src), "overrides": list(overrides), "git": git_hash(),
                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_json(folder / "meta.json", meta)
+    write_meta(folder, meta)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train_stage2(cfg, run, open_cache(cfg), run.splits(), resolve_device(cfg.train.device), log, progress)

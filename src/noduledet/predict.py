@@ -45,6 +45,7 @@ from noduledet.geometry import voxel_to_pixel
 from noduledet.metrics.froc import fp_label, max_findings
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
+from noduledet.records import write_scan_record
 from noduledet.staging import staged_dir, write_text
 
 __all__ = ["PredictOptions", "ScanInput", "expand_inputs", "predict", "predict_scan"]
@@ -124,8 +125,7 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
                "region_shape_zyx": list(result.region.shape_zyx),
                "timings": {k: round(v, 3) for k, v in timings.items()},
                "seconds": round(sum(v for k, v in timings.items() if k not in parts), 3)}
-    (folder / "scan.json").write_text(json.dumps({**summary, "candidates": [c.to_dict() for c in result.candidates]},
-                                                 indent=1))
+    write_scan_record(folder, summary, [c.to_dict() for c in result.candidates])
     return summary
 
 

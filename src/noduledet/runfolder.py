@@ -14,7 +14,6 @@ Every file is written atomically; ``metrics.csv`` is written and read here only.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
 import shutil
@@ -28,7 +27,8 @@ from noduledet import __version__, checkpoint
 from noduledet.checkpoint import Checkpoint
 from noduledet.config import Config, config_yaml
 from noduledet.errors import UserError
-from noduledet.staging import atomic_write, write_json, write_text
+from noduledet.records import read_splits, write_meta, write_splits
+from noduledet.staging import atomic_write, write_text
 
 
 def git_hash() -> str | None:
@@ -85,8 +85,8 @@ class RunFolder:
             (self.path / stale).unlink(missing_ok=True)
         shutil.rmtree(self.path / "tb", ignore_errors=True)  # a forced restart must not mix curves
         write_text(self.path / "config.yaml", config_yaml(cfg))
-        write_json(self.path / "splits.json", splits)
-        write_json(self.path / "meta.json", {
+        write_splits(self.path, splits)
+        write_meta(self.path, {
             "noduledet": __version__, "git": git_hash(), "torch": torch.__version__, "seed": cfg.train.seed,
             "device": str(device), "world_size": world, "python": platform.python_version(),
             "machine": platform.machine(), "threads": torch.get_num_threads(),
@@ -124,7 +124,7 @@ class RunFolder:
         atomic_write(self.path / "metrics.csv", write)
 
     def splits(self) -> dict[str, list[str]]:
-        return json.loads((self.path / "splits.json").read_text())
+        return read_splits(self.path)
 
     def tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
