@@ -716,6 +716,37 @@ def config_context_of_one(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
+def _config_case(problem: str, text: str) -> None:
+    """A config battery case: ``text`` as c.yaml, refused with ``problem``."""
+    def build(d):
+        (d / "c.yaml").write_text(text)
+        return [d / "c.yaml"], d / "c.yaml"
+
+    build.__name__ = "config_" + re.sub(r"\W+", "_", text).strip("_")
+    _case(CONFIGS, problem)(build)
+
+
+for _problem, _text in [  # values that reached a ZeroDivisionError, a crash or a silent misreading later
+    (r"train\.val_every=0; it must be at least 1", "train: {val_every: 0}\n"),
+    (r"data\.eval_slice_stride=0; it must be at least 1", "data: {eval_slice_stride: 0}\n"),
+    (r"stage2\.spacing_mm=0\.0; it must be more than 0", "stage2: {spacing_mm: 0}\n"),
+    (r"data\.pixel_mm=-0\.7; it must be 0 or more", "data: {pixel_mm: -0.7}\n"),
+    (r"eval\.link_mm=0; it must be more than 0", "eval: {link_mm: 0, slice_step_mm: 0}\n"),
+    (r"eval\.min_score=1\.5; a probability is between 0 and 1", "eval: {min_score: 1.5}\n"),
+    (r"data\.test_fraction=0\.5 and data\.val_fraction=0\.5; each from 0 and together below 1",
+     "data: {test_fraction: 0.5, val_fraction: 0.5}\n"),
+    (r"data\.min_section=1\.5; it must be from 0 to below 1", "data: {min_section: 1.5}\n"),
+    (r"data\.window_hu=\[400, -1000\]; expected \[low, high\] HU with low < high", "data: {window_hu: [400, -1000]}\n"),
+    (r"data\.window_hu=\[-1000\]; expected \[low, high\]", "data: {window_hu: [-1000]}\n"),
+    (r"data\.offsets_mm=\[\]; expected a list of z offsets in mm", "data: {offsets_mm: []}\n"),
+    (r"model\.options: unknown detector option\(s\) \['fpn_width'\]", "model: {options: {fpn_width: 32}}\n"),
+    (r"model\.options\.masks: set by model\.masks, not here", "model: {options: {masks: true}}\n"),
+    (r"model\.options\.in_channels: set by data\.offsets_mm", "model: {options: {in_channels: 5}}\n"),
+    (r"model\.options\.neck='c5'; choose from", "model: {options: {neck: c5}}\n"),
+]:
+    _config_case(_problem, _text)
+
+
 @_case(CONFIGS, "no such config file")
 def config_missing(d):
     return [d / "nope.yaml"], d / "nope.yaml"
@@ -782,7 +813,7 @@ def layout_scan_without_raw(d):
 def test_prepare_refuses_the_layout(build, problem, tmp_path, capfd):
     root, named = build(tmp_path)
     cache = tmp_path / "cache"
-    code = main(["prepare", str(root), "--cache", str(cache), "--workers", "1", "--no-lidc-masks"])
+    code = main(["prepare", str(root), "data.lidc_masks=false", "--cache", str(cache), "--workers", "1"])
     refused(code, capfd, "prepare", named, problem)
     manifest = cache / "manifest.json"
     assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]

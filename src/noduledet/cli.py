@@ -61,10 +61,15 @@ def _lidc_annotations(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from noduledet.config import DataConfig
+    from noduledet.config import DataConfig, load_config
     from noduledet.data.cache import prepare
 
-    data_cfg = DataConfig(margin_mm=args.margin_mm, z_margin_mm=args.z_margin_mm, lidc_masks=not args.no_lidc_masks)
+    region = set(DataConfig().region_settings())
+    for item in args.overrides:
+        if item.split("=", 1)[0].strip() not in {f"data.{k}" for k in region}:
+            raise UserError(f"override {item!r}: prepare takes the region settings "
+                            f"{', '.join(sorted(f'data.{k}' for k in region))} (the rest of the config trains)")
+    data_cfg = load_config(args.config, args.overrides).data
     manifest = prepare(args.data, args.cache, data_cfg, workers=args.workers, force=args.force,
                        progress=_progress("prepare", "scan"))
     print(f"cache ready: {len(manifest['scans'])} scans in {args.cache}")
@@ -273,9 +278,10 @@ def _add_prepare(sub) -> None:
     p.add_argument("data", type=Path, help="LUNA16-layout folder (real or phantom)")
     p.add_argument("--cache", type=Path, required=True, help="cache folder (resumed if it exists)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
-    p.add_argument("--margin-mm", type=float, default=10.0, help="in-plane margin around the lungs (default 10)")
-    p.add_argument("--z-margin-mm", type=float, default=12.0, help="slices kept beyond the lungs, in mm (default 12)")
-    p.add_argument("--no-lidc-masks", action="store_true", help="sphere masks only, even for scans in the LIDC database")
+    p.add_argument("--config", type=Path, help="the YAML config that will train on the cache: its scan region "
+                                                "(data.margin_mm, data.z_margin_mm, data.lidc_masks; default: the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="a region setting changed, e.g. data.margin_mm=20 data.lidc_masks=false")
     p.add_argument("--force", action="store_true", help="rebuild a cache made with other settings or data")
     p.set_defaults(func=_prepare)
 

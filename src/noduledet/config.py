@@ -1,8 +1,10 @@
 """Typed configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
 
 Unknown sections or keys are refused with their name; values are checked against the field's
-type, and names (variant, preset, optimizer, schedule, engine, device) against their allowed
-values, all when the file is loaded. The resolved configuration is saved beside every run
+type, names (variant, preset, optimizer, schedule, engine, device) against their allowed values,
+numbers against their ranges and lists against their lengths, and ``model.options`` against
+``DetectorSpec``'s fields, all when the file is loaded (``model.masks`` and ``data.offsets_mm``
+alone set the detector's mask head and input channels). The resolved configuration is saved beside every run
 (``config.yaml``) and inside every checkpoint.
 """
 
@@ -23,7 +25,7 @@ class ModelConfig:
     variant: str = "ccapm"  # one of noduledet.models.VARIANTS
     preset: str = "tiny"  # tiny (CPU) | paper (GPU)
     masks: bool = False  # Mask R-CNN head
-    options: dict = field(default_factory=dict)  # DetectorSpec overrides, e.g. {fpn_channels: 128}
+    options: dict = field(default_factory=dict)  # DetectorSpec overrides, e.g. {fpn_channels: 128} (not masks, in_channels)
 
 
 @dataclass
@@ -144,6 +146,25 @@ CHOICES = {  # section.key -> allowed values (the model names come from nodulede
 }
 
 
+# The ranges a value must lie in (checked when a config is loaded), by the words its error says.
+AT_LEAST_1 = ("train.batch_size", "train.epochs", "train.val_every", "data.patch", "data.eval_slice_stride",
+              "stage2.batch_size", "stage2.size", "stage2.candidates", "stage2.epochs", "stage2.samples_per_epoch",
+              "stage2.width")
+NOT_NEGATIVE = ("train.lr_batch", "train.momentum", "train.weight_decay", "train.warmup_iters", "train.grad_clip",
+                "train.workers", "train.threads", "data.negatives", "data.margin_mm", "data.z_margin_mm",
+                "data.pixel_mm", "data.augment.scale", "data.augment.hu_shift", "data.augment.noise_hu",
+                "data.augment.blur_px", "stage2.shift_mm")
+POSITIVE = ("train.lr", "stage2.spacing_mm", "stage2.lr")
+FRACTIONS = ("data.min_section", "data.augment.hu_gain", "stage2.scale")  # from 0 to below 1
+
+
+def _value(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def check_eval(e: EvalConfig, source: str) -> None:
     """Refuse evaluation settings that cannot work (also after command-line overrides)."""
     if e.engine not in CHOICES["eval.engine"]:
@@ -151,15 +172,69 @@ def check_eval(e: EvalConfig, source: str) -> None:
     for name in ("batch_size", "max_candidates"):
         if getattr(e, name) < 1:
             raise UserError(f"{source}: eval.{name}={getattr(e, name)}; it must be at least 1 (--{name.replace('_', '-')})")
-    if not 0 <= e.score_threshold <= 1:
-        raise UserError(f"{source}: eval.score_threshold={e.score_threshold:g}; a probability is between 0 and 1")
+    for name in ("score_threshold", "min_score"):
+        if not 0 <= getattr(e, name) <= 1:
+            raise UserError(f"{source}: eval.{name}={getattr(e, name):g}; a probability is between 0 and 1")
+    if not 0 < e.iou_threshold <= 1:
+        raise UserError(f"{source}: eval.iou_threshold={e.iou_threshold:g}; it must be more than 0 and at most 1")
+    if e.link_mm <= 0:
+        raise UserError(f"{source}: eval.link_mm={e.link_mm:g}; it must be more than 0 (--link-mm)")
+    if e.slice_step_mm < 0 or e.bootstrap < 0:
+        name = "slice_step_mm" if e.slice_step_mm < 0 else "bootstrap"
+        raise UserError(f"{source}: eval.{name}={getattr(e, name):g}; it must be 0 or more")
     if e.slice_step_mm > e.link_mm:
         raise UserError(f"{source}: eval.slice_step_mm={e.slice_step_mm:g} exceeds eval.link_mm={e.link_mm:g}: "
                         f"detections on the slices looked at could no longer join")
 
 
+def _check_ranges(cfg: Config, source: str) -> None:
+    """Refuse a number outside its range (``AT_LEAST_1``, ``NOT_NEGATIVE``, ``POSITIVE``,
+    ``FRACTIONS``) or a list of the wrong length, naming the key."""
+    rules = [(AT_LEAST_1, lambda v: v >= 1, "it must be at least 1"),
+             (NOT_NEGATIVE, lambda v: v >= 0, "it must be 0 or more"),
+             (POSITIVE, lambda v: v > 0, "it must be more than 0"),
+             (FRACTIONS, lambda v: 0 <= v < 1, "it must be from 0 to below 1")]
+    for keys, ok, rule in rules:
+        for key in keys:
+            if not ok(_value(cfg, key)):
+                raise UserError(f"{source}: {key}={_value(cfg, key)!r}; {rule}")
+    d = cfg.data
+    if not (len(d.window_hu) == 2 and all(isinstance(v, (int, float)) for v in d.window_hu)
+            and d.window_hu[0] < d.window_hu[1]):
+        raise UserError(f"{source}: data.window_hu={d.window_hu}; expected [low, high] HU with low < high")
+    if not (d.offsets_mm and all(isinstance(v, (int, float)) for v in d.offsets_mm)):
+        raise UserError(f"{source}: data.offsets_mm={d.offsets_mm}; expected a list of z offsets in mm "
+                        f"(one input channel each), e.g. [-5, 0, 5]")
+    if not d.test_subsets and not d.val_subsets and not (
+            0 <= d.test_fraction < 1 and 0 <= d.val_fraction < 1 and d.test_fraction + d.val_fraction < 1):
+        raise UserError(f"{source}: data.test_fraction={d.test_fraction:g} and data.val_fraction={d.val_fraction:g}; "
+                        f"each from 0 and together below 1 (the rest trains)")
+    for key in ("data.test_subsets", "data.val_subsets"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in _value(cfg, key)):
+            raise UserError(f"{source}: {key}={_value(cfg, key)}; expected LUNA16 subset numbers, e.g. [9]")
+    if not all(isinstance(v, (int, float)) and 0 < v < 1 for v in cfg.train.milestones):
+        raise UserError(f"{source}: train.milestones={cfg.train.milestones}; expected fractions of training, "
+                        f"each between 0 and 1")
+
+
+def _check_options(cfg: Config, source: str) -> None:
+    """``model.options`` must name ``DetectorSpec`` fields, and none that another key sets."""
+    from noduledet.models.detector import NECKS, resolve_spec
+
+    options = cfg.model.options
+    for name, where in (("masks", "model.masks"), ("in_channels", "data.offsets_mm (one channel per offset)")):
+        if name in options:
+            raise UserError(f"{source}: model.options.{name}: set by {where}, not here")
+    try:
+        spec = resolve_spec(cfg.model.preset, **options)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: model.options: {err}") from None
+    if spec.neck not in NECKS:
+        raise UserError(f"{source}: model.options.neck={spec.neck!r}; choose from {list(NECKS)}")
+
+
 def _check_choices(cfg: Config, source: str) -> None:
-    """Refuse a value outside its allowed set, naming the choices."""
+    """Refuse a value outside its allowed set, naming the choices, or outside its range."""
     from noduledet.models.detector import PRESETS, VARIANTS
 
     allowed = {**CHOICES, "model.variant": tuple(VARIANTS), "model.preset": tuple(PRESETS)}
@@ -169,11 +244,6 @@ def _check_choices(cfg: Config, source: str) -> None:
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
     check_eval(cfg.eval, source)
-    for key in ("train.batch_size", "train.epochs", "stage2.batch_size", "stage2.size", "stage2.candidates",
-                "stage2.epochs", "stage2.samples_per_epoch", "data.patch"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise UserError(f"{source}: {key}={getattr(getattr(cfg, section), name)}; it must be at least 1")
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
@@ -184,6 +254,8 @@ def _check_choices(cfg: Config, source: str) -> None:
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")
+    _check_ranges(cfg, source)
+    _check_options(cfg, source)
 
 
 def _check_value(where: str, value, annotation):

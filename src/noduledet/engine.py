@@ -86,9 +86,9 @@ def make_datasets(cfg: Config, cache: SliceCache, splits: dict) -> tuple[SliceDa
 
 
 def make_model(cfg: Config) -> torch.nn.Module:
-    options = dict(cfg.model.options)
-    options.setdefault("in_channels", len(cfg.data.offsets_mm))
-    options.setdefault("masks", cfg.model.masks)
+    """The detector of ``cfg.model``: one input channel per ``data.offsets_mm``, Mask R-CNN with
+    ``model.masks`` (``model.options`` may set neither: ``config`` refuses them)."""
+    options = {**cfg.model.options, "in_channels": len(cfg.data.offsets_mm), "masks": cfg.model.masks}
     try:
         return build_detector(cfg.model.variant, cfg.model.preset, **options)
     except ValueError as err:
