@@ -36,7 +36,7 @@ def test_prepare_resumes_and_refuses_other_settings(phantom_root, tmp_path):
     prepare(phantom_root, cache)
     assert victim.exists()
     assert {p.name: p.stat().st_mtime_ns for p in (cache / "scans").glob("*.json") if p != victim} == stamp
-    with pytest.raises(UserError, match="a cache made with other settings; use another --cache"):
+    with pytest.raises(UserError, match=r"a cache made with data\.margin_mm=10\.0 \(the config: 20\); use another --cache"):
         prepare(phantom_root, cache, DataConfig(margin_mm=20))
     prepare(phantom_root, cache, DataConfig(margin_mm=20), force=True)
     assert json.loads((cache / "manifest.json").read_text())["settings"]["margin_mm"] == 20

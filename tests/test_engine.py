@@ -179,17 +179,23 @@ def test_config_values_are_checked_when_loaded(override, message):
     assert message in str(err.value)
 
 
-def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes_on_without_them(trained, tmp_path):
+def test_a_checkpoint_from_before_the_blob_filter_flips_and_synthetic_cubes_goes_on_without_them(
+        random_checkpoint, tmp_path, capsys):
     from noduledet import checkpoint
 
-    stage2 = checkpoint.load(trained / "best.pt").config.stage2
+    stage2 = checkpoint.load(random_checkpoint).config.stage2
     assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (50, 32, Stage2Config.synthetic)  # the defaults, stored
-    raw = torch.load(trained / "best.pt", weights_only=True)
-    for key in ("blobs", "flips_top", "synthetic"):
+    assert capsys.readouterr().err == ""  # nothing filled in, nothing said
+    raw = torch.load(random_checkpoint, weights_only=True)
+    for key in ("blobs", "flips_top"):
         del raw["config"]["stage2"][key]
     torch.save(raw, tmp_path / "old.pt")
     stage2 = checkpoint.load(tmp_path / "old.pt").config.stage2
-    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, 0.0)
+    assert (stage2.blobs, stage2.flips_top, stage2.synthetic) == (0, 0, Stage2Config.synthetic)
+    checkpoint.load(tmp_path / "old.pt")
+    err = capsys.readouterr().err  # said once, naming what was filled in
+    assert err == (f"noduledet: note: {tmp_path / 'old.pt'} predates stage2.blobs, stage2.flips_top; it runs with "
+                   f"blobs=0, flips_top=0 (off), as it was trained\n")
 
 
 def test_stage_two_is_trained_again_into_a_new_run_folder(trained, tmp_path, capsys, monkeypatch):
@@ -278,3 +284,54 @@ def test_training_stage_two_again_needs_a_finished_stage_one(trained, tmp_path, 
     assert "stage one stopped after epoch 1 of 2; finish it first" in capsys.readouterr().err
     assert main(["stage2", str(tmp_path / "none")]) == 2
     assert "last.pt: no such checkpoint" in capsys.readouterr().err
+
+
+def test_training_without_validation_scans_keeps_the_last_epoch_and_says_so(phantom_root, phantom_cache, tmp_path):
+    """best.pt is never chosen on the test scans: with no validation scans it is the last epoch."""
+    lines = []
+    cfg = _cfg(phantom_root, phantom_cache, tmp_path / "run", "data.val_fraction=0", "stage2.enabled=false")
+    result = engine.train(cfg, log=lines.append)
+    assert lines[0].startswith("no validation scans (data.val_fraction, data.val_subsets): best.pt is the last epoch")
+    assert json.loads((tmp_path / "run" / "splits.json").read_text())["val"] == []
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and not any(k.startswith("val_") for row in best["history"] for k in row)
+    assert result["best"] == float("-inf")
+
+
+def test_training_refuses_a_cache_of_other_region_settings(phantom_root, phantom_cache, tmp_path):
+    cfg = _cfg(phantom_root, phantom_cache, tmp_path / "run", "data.margin_mm=20")
+    with pytest.raises(UserError, match=r"a cache made with data\.margin_mm=10\.0 \(the config: 20\.0\); prepare one"):
+        engine.open_cache(cfg)
+
+
+def test_evaluate_takes_no_scans_it_was_not_told_to(random_checkpoint, phantom_root, phantom_cache, tmp_path, capsys):
+    """No splits.json, an empty split, scans the data lacks, subsets it lacks, a cache of other settings:
+    each refused in one line naming what chooses scans explicitly; nothing is written."""
+    from noduledet import checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = checkpoint.load(random_checkpoint)
+    ckpt.config.data.root, ckpt.config.data.cache = str(phantom_root), str(phantom_cache)
+    checkpoint.save(ckpt, run / "best.pt")
+    out = tmp_path / "eval"
+
+    def refused(*extra) -> str:
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "-o", str(out), *map(str, extra)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+        return err
+
+    choose = "choose the scans with --subset N [N ...] or --split all (every scan of --data)"
+    assert f"{run / 'splits.json'}: missing, so the run's test split is unknown; {choose}" in refused()
+    (run / "splits.json").write_text(json.dumps({"train": ["a"], "val": ["b"], "test": []}))
+    assert f"{run / 'splits.json'}: the run's test split is empty; {choose}" in refused()
+    assert "1 of the run's 1 val scans are not in the data (first: b); pass --data" in refused("--split", "val")
+    assert "--subset 9: no scan of the data is in these LUNA16 subsets" in refused("--subset", 9)
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    manifest = json.loads((phantom_cache / "manifest.json").read_text())
+    manifest["settings"]["margin_mm"] = 20.0
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert "a cache made with data.margin_mm=20.0 (the config: 10.0)" in refused("--cache", other, "--split", "all")
+    assert "no prepared cache" in refused("--cache", tmp_path / "none", "--split", "all")

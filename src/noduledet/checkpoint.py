@@ -12,6 +12,7 @@ is always whole.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from noduledet.errors import UserError
 from noduledet.staging import atomic_write
 
 FORMAT = 2
+OLD_STAGE2 = {"blobs": 0, "flips_top": 0, "synthetic": 0.0}  # what a run trained before these existed did
+_noted: set[Path] = set()  # checkpoints whose filled-in settings were reported (once per process)
 
 
 @dataclass
@@ -103,9 +106,21 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
         raise UserError(f"{path}: checkpoint format {found}, this noduledet {__version__} reads format {FORMAT}; "
                         f"retrain with this version (noduledet train)")
     stage2 = raw["config"].get("stage2") if isinstance(raw["config"], dict) else None
-    if isinstance(stage2, dict):  # trained before the blob filter, the flips or the synthetic cubes:
-        # it goes on without them, its operating points calibrated as it scores
-        raw["config"]["stage2"] = {"blobs": 0, "flips_top": 0, "synthetic": 0.0, **stage2}
+    if isinstance(stage2, dict):
+        _fill_old_stage2(stage2, path)
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
                       list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)
+
+
+def _fill_old_stage2(stage2: dict, path: Path) -> None:
+    """Give a checkpoint trained before the blob filter, the flips or the synthetic cubes the
+    settings it was trained and calibrated with (``OLD_STAGE2``: none of them), and say so once."""
+    missing = {k: v for k, v in OLD_STAGE2.items() if k not in stage2}
+    if not missing:
+        return
+    stage2.update(missing)
+    if path.resolve() not in _noted:
+        _noted.add(path.resolve())
+        print(f"noduledet: note: {path} predates {', '.join(f'stage2.{k}' for k in missing)}; it runs with "
+              f"{', '.join(f'{k}={v:g}' for k, v in missing.items())} (off), as it was trained", file=sys.stderr)

@@ -86,7 +86,9 @@ def _train(args: argparse.Namespace) -> int:
     result = engine.train(cfg, resume=args.resume, force=args.force, progress=reporter("train", "batch", plain=False),
                           scans=reporter("stage 2", "scan"))
     if rank_and_world()[0] == 0:
-        print(f"run: {result['run']} (best validation mAP {result['best']:.4f}); checkpoints last.pt, best.pt")
+        best = (f"best validation mAP {result['best']:.4f}" if result["best"] > float("-inf")
+                else "no validation: best.pt is the last epoch")
+        print(f"run: {result['run']} ({best}); checkpoints last.pt, best.pt")
     return 0
 
 

@@ -50,7 +50,7 @@ class DataConfig:
     negatives: float = 0.5  # negative patches per positive per epoch
     min_section: float = 0.5  # slices cutting a nodule's sphere below this fraction of its radius get no box
     test_fraction: float = 0.25  # the paper's 3:1 train/test split by scan ...
-    val_fraction: float = 0.15  # ... and a validation share (0: validate on the test scans)
+    val_fraction: float = 0.15  # ... and a validation share (0: none, best.pt is the last epoch)
     test_subsets: list = field(default_factory=list)  # ... or LUNA16 subsets as folds
     val_subsets: list = field(default_factory=list)
     split_seed: int = 0

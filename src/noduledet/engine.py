@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from noduledet import checkpoint
 from noduledet.checkpoint import Checkpoint
 from noduledet.config import Config, apply_overrides, config_from_dict, config_yaml
-from noduledet.data.cache import SliceCache, cache_ready, prepare
+from noduledet.data.cache import SliceCache, cache_mismatch, cache_ready, prepare
 from noduledet.data.dataset import SliceDataset, collate
+from noduledet.data.luna16 import Luna16
 from noduledet.data.splits import split_scans
 from noduledet.distributed import barrier, gather, join_torchrun, rank_and_world, resolve_device
 from noduledet.errors import UserError
@@ -47,7 +48,9 @@ VALIDATION_KEYS = ("ap50", "ap", "ap10", "recall", "precision", "f1", "jaccard")
 # ---- pieces ---------------------------------------------------------------------------------
 
 def open_cache(cfg: Config) -> SliceCache:
-    """The configured cache, prepared from ``data.root`` first when it does not exist yet."""
+    """The configured cache, prepared from ``data.root`` first when it does not exist yet; one
+    made of other data (``data.root``'s scans and annotations) or with other region settings
+    (``data.margin_mm``, ``data.z_margin_mm``, ``data.lidc_masks``) is refused."""
     if not cfg.data.cache:
         raise UserError("data.cache is not set (the folder of `noduledet prepare`)")
     cache = Path(cfg.data.cache)
@@ -58,6 +61,10 @@ def open_cache(cfg: Config) -> SliceCache:
             print(f"preparing the cache {cache} from {cfg.data.root}", flush=True)
             prepare(cfg.data.root, cache, cfg.data)
         barrier()
+    differs = cache_mismatch(cache, cfg.data, Luna16(cfg.data.root) if cfg.data.root else None)
+    if differs:
+        raise UserError(f"{cache}: a cache made with {', '.join(differs)}; prepare one with this config "
+                        f"(noduledet prepare DATA --cache NEW --config CONFIG) and set data.cache")
     return SliceCache(cache)
 
 
@@ -71,15 +78,16 @@ def make_splits(cfg: Config, cache: SliceCache) -> dict[str, list[str]]:
     return splits
 
 
-def make_datasets(cfg: Config, cache: SliceCache, splits: dict) -> tuple[SliceDataset, SliceDataset]:
-    """Training patches of the training scans; whole validation slices that cut a nodule."""
+def make_datasets(cfg: Config, cache: SliceCache, splits: dict) -> tuple[SliceDataset, SliceDataset | None]:
+    """Training patches of the training scans; whole validation slices that cut a nodule (None
+    without validation scans: the test scans never choose a checkpoint)."""
     d = cfg.data
     common = dict(offsets_mm=d.offsets_mm, window_hu=d.window_hu, pixel_mm=d.pixel_mm, masks=cfg.model.masks,
                   min_section=d.min_section, seed=cfg.train.seed)
     train_ds = SliceDataset(cache, splits["train"], train=True, patch=d.patch, negatives=d.negatives,
                             augment=d.augment, **common)
-    val_ds = SliceDataset(cache, splits["val"] or splits["test"], train=False, slices="positive",
-                          slice_stride=d.eval_slice_stride, **common)
+    val_ds = SliceDataset(cache, splits["val"], train=False, slices="positive", slice_stride=d.eval_slice_stride,
+                          **common) if splits["val"] else None
     if len(train_ds) == 0:
         raise UserError(f"no training slices with nodules in {len(splits['train'])} training scans")
     return train_ds, val_ds
@@ -283,6 +291,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
     if rank == 0 and log and t.lr_batch:
         log(f"learning rate {lr:g}: {t.lr:g} for a batch of {t.lr_batch}, scaled to {t.batch_size} per process "
             f"x {world} process(es)")
+    if rank == 0 and log and val_ds is None:
+        log("no validation scans (data.val_fraction, data.val_subsets): best.pt is the last epoch, chosen on no "
+            "scans, and stage two gets no operating points; the test scans choose nothing")
     trainer = make_trainer(cfg, device, per_epoch * t.epochs, lr)
     if run.resuming:
         trainer.restore(checkpoint.load(run.last))
@@ -293,11 +304,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
     while trainer.epoch < t.epochs:
         row = train_one_epoch(trainer, net, _loader(cfg, train_ds, trainer.epoch), t.grad_clip,
                               progress if rank == 0 else None)
-        if row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs:
+        if val_ds is not None and (row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs):
             v0 = time.perf_counter()
             m = validate(trainer.model, val_ds, device, cfg)
             row.update({f"val_{k}": m[k] for k in VALIDATION_KEYS}, val_s=time.perf_counter() - v0)
-        _end_epoch(trainer, row, cfg, run, writer, log if rank == 0 else None)
+        _end_epoch(trainer, row, cfg, run, writer, log if rank == 0 else None, validating=val_ds is not None)
     if writer is not None:
         writer.close()
     if cfg.stage2.enabled and rank == 0 and not stage2_done(run.last):
@@ -306,13 +317,14 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
     return {"run": str(run.path), "best": trainer.best, "history": trainer.history}
 
 
-def _end_epoch(trainer: Trainer, row: dict, cfg: Config, run: RunFolder, writer, log) -> None:
-    """Record the epoch: history, best score, checkpoints, metrics.csv, TensorBoard, a log line."""
+def _end_epoch(trainer: Trainer, row: dict, cfg: Config, run: RunFolder, writer, log, validating: bool = True) -> None:
+    """Record the epoch: history, best score, checkpoints, metrics.csv, TensorBoard, a log line.
+    Without ``validating`` (no validation scans) every epoch is the best so far: best.pt is the last."""
     trainer.epoch = row["epoch"]
     trainer.history.append(row)
     score = row.get("val_ap50", math.nan)
     score = score if math.isfinite(score) else -math.inf  # no validation nodules: no score
-    improved = score > trainer.best or not run.best.exists()
+    improved = score > trainer.best or not run.best.exists() or not validating
     trainer.best = max(trainer.best, score)
     if writer is None:  # not rank 0
         return

@@ -14,7 +14,6 @@ Outputs (written to a temporary folder, renamed when complete): ``metrics.json``
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from noduledet import plots
-from noduledet.data.cache import SliceCache, cache_serves, prepare
+from noduledet.data.cache import SliceCache, cache_mismatch, cache_ready, prepare
 from noduledet.data.luna16 import Luna16, write_findings
 from noduledet.data.slices import slice_targets
 from noduledet.distributed import barrier, gather, rank_and_world, resolve_device
@@ -32,22 +31,35 @@ from noduledet.metrics.paired import scan_detections
 from noduledet.metrics.froc import at_thresholds, froc, limited, max_findings, plot_froc
 from noduledet.pipeline import Pipeline, ScanResult, candidates_table
 from noduledet.progress import track
+from noduledet.records import SPLITS, read_splits
 from noduledet.report import number, scan_level_lines, slice_table
 from noduledet.staging import staged_dir, write_json, write_text
 
 
-def choose_scans(cache: SliceCache, checkpoint: Path, subsets: list[int] | None, split: str | None) -> tuple[list[str], str]:
-    """The scans to evaluate and how they were chosen."""
+def choose_scans(cache: SliceCache, checkpoint: Path, subsets: list[int] | None, split: str) -> tuple[list[str], str]:
+    """The scans to evaluate and how they were chosen: the LUNA16 ``subsets``, else every scan
+    (``split`` "all"), else the run's ``split`` from the ``splits.json`` beside ``checkpoint``.
+    Nothing else is taken in their place: a run without that file, an empty split or one whose
+    scans the data lacks is refused, naming the options that choose scans explicitly."""
+    choose = "choose the scans with --subset N [N ...] or --split all (every scan of --data)"
     if subsets:
         uids = [u for u in cache.uids if cache.subset(u) in subsets]
+        if not uids:
+            raise UserError(f"--subset {' '.join(map(str, subsets))}: no scan of the data is in these LUNA16 subsets")
         return uids, f"LUNA16 subsets {subsets}"
-    splits_path = checkpoint.parent / "splits.json"
-    if split and split != "all" and splits_path.is_file():
-        splits = json.loads(splits_path.read_text())
-        uids = [u for u in splits.get(split, []) if u in set(cache.uids)]
-        if uids:
-            return uids, f"the run's {split} split ({splits_path})"
-    return list(cache.uids), "every scan of the cache"
+    if split == "all":
+        return list(cache.uids), "every scan of the data"
+    path = checkpoint.parent / SPLITS
+    if not path.is_file():
+        raise UserError(f"{path}: missing, so the run's {split} split is unknown; {choose}")
+    wanted = read_splits(checkpoint.parent)[split]
+    if not wanted:
+        raise UserError(f"{path}: the run's {split} split is empty; {choose}")
+    missing = sorted(set(wanted) - set(cache.uids))
+    if missing:
+        raise UserError(f"{path}: {len(missing)} of the run's {len(wanted)} {split} scans are not in the data "
+                        f"(first: {missing[0]}); pass --data with the run's data, or {choose}")
+    return list(wanted), f"the run's {split} split ({path})"
 
 
 def run_scans(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> dict[str, ScanResult]:
@@ -56,30 +68,48 @@ def run_scans(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=N
             for uid in track(progress, uids)}
 
 
-def open_cache(pipeline: Pipeline, luna: Luna16, cache: str | Path | None, scratch: Path, progress=None) -> SliceCache:
-    """``cache`` (default: the run's) when it was made from ``luna`` with the run's region settings;
-    else a cache prepared in ``scratch`` (on rank 0; the others wait)."""
+def open_cache(pipeline: Pipeline, luna: Luna16, cache: str | Path | None, scratch: Path, progress=None,
+               log=print) -> SliceCache:
+    """``cache`` when it was made from ``luna`` with the run's region settings (else refused); without
+    one, the run's cache when it was so made, else a cache prepared in ``scratch`` (on rank 0, the
+    others wait), saying why."""
     data_cfg = pipeline.config.data
-    cache_dir = Path(cache or data_cfg.cache or scratch)
-    if not cache_serves(cache_dir, luna, data_cfg):
-        cache_dir = scratch
-        if rank_and_world()[0] == 0 and not cache_serves(cache_dir, luna, data_cfg):
-            prepare(luna.root, cache_dir, data_cfg, progress=progress)
+    if cache is not None:
+        if not cache_ready(cache):
+            raise UserError(f"{cache}: no prepared cache (noduledet prepare {luna.root} --cache {cache}); "
+                            f"or leave out --cache: one is prepared for this evaluation")
+        differs = cache_mismatch(cache, data_cfg, luna)
+        if differs:
+            raise UserError(f"{cache}: a cache made with {', '.join(differs)}, not of {luna.root} with the run's "
+                            f"region settings; leave out --cache: one is prepared for this evaluation")
+        return SliceCache(cache)
+    cache_dir = Path(data_cfg.cache) if data_cfg.cache else None
+    if cache_dir is not None and cache_ready(cache_dir) and not cache_mismatch(cache_dir, data_cfg, luna):
+        return SliceCache(cache_dir)
+    if rank_and_world()[0] == 0:
+        if log:
+            why = ("the run names none" if cache_dir is None else f"the run's {cache_dir} is not prepared"
+                   if not cache_ready(cache_dir) else
+                   f"the run's {cache_dir} was made with {', '.join(cache_mismatch(cache_dir, data_cfg, luna))}")
+            log(f"preparing a cache of {luna.root} for this evaluation ({why}); it is removed at the end")
+        prepare(luna.root, scratch, data_cfg, progress=progress)
     barrier()
-    return SliceCache(cache_dir)
+    return SliceCache(scratch)
 
 
 def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = None, cache: str | Path | None = None,
-             subsets: list[int] | None = None, split: str | None = "test", overrides: dict | None = None,
-             force: bool = False, device: str = "auto", progress=None) -> dict:
+             subsets: list[int] | None = None, split: str = "test", overrides: dict | None = None,
+             force: bool = False, device: str = "auto", progress=None, log=print) -> dict:
     """Evaluate ``checkpoint`` and write the report to ``out``.
 
     Args:
         data: LUNA16-layout folder (default: the run's ``data.root``).
-        cache: prepared cache of ``data`` (default: the run's; a cache of other data or other
-            region settings is not used: one is prepared in ``out/cache`` and removed at the end).
-        subsets: evaluate these LUNA16 subsets; else the run's ``split`` ("test", "val",
-            "train" or "all").
+        cache: prepared cache of ``data``, refused when made of other data or with other region
+            settings (default: the run's when it is of ``data``, else one is prepared in
+            ``out/cache``, with a line saying why, and removed at the end).
+        subsets: evaluate these LUNA16 subsets; else ``split``: "all" the scans of ``data``, or
+            the run's "test", "val" or "train" split (``choose_scans``).
+        log: where a line about a cache prepared here goes (rank 0), or None.
         overrides: ``EvalConfig`` fields replacing the checkpoint's (score_threshold, link_mm, ...).
 
     Returns:
@@ -93,10 +123,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, data: str | Path | None = 
     luna = Luna16(data_root)
     rank, world = rank_and_world()
     with staged_dir(out, force, owner=rank == 0) as tmp:
-        sc = open_cache(pipeline, luna, cache, tmp / "cache", progress)
+        sc = open_cache(pipeline, luna, cache, tmp / "cache", progress, log)
         uids, chosen = choose_scans(sc, checkpoint, subsets, split)
-        if not uids:
-            raise UserError(f"no scans to evaluate ({chosen})")
         t0 = time.perf_counter()
         parts = gather(run_scans(pipeline, sc, uids[rank::world], progress if rank == 0 else None))
         seconds = time.perf_counter() - t0

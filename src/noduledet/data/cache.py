@@ -137,11 +137,6 @@ def _manifest(data: Luna16, data_cfg: DataConfig) -> dict:
             "data_root": str(data.root.resolve())}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    """The manifest entries that make two caches different (the data's path does not)."""
-    return sorted(k for k in new if k != "data_root" and old.get(k) != new[k])
-
-
 def prepare(data_root: str | Path, cache_dir: str | Path, data_cfg: DataConfig | None = None,
             workers: int = 1, force: bool = False, progress=None) -> dict:
     """Read every scan of a LUNA16-layout folder once and cache its region.
@@ -164,9 +159,9 @@ def prepare(data_root: str | Path, cache_dir: str | Path, data_cfg: DataConfig |
     manifest = _manifest(data, data_cfg)
     path = cache_dir / "manifest.json"
     if path.exists():
-        differs = _differences(json.loads(path.read_text()), manifest)
+        differs = cache_mismatch(cache_dir, data_cfg, data)
         if differs and not force:
-            raise UserError(f"{cache_dir}: a cache made with other {', '.join(differs)}; "
+            raise UserError(f"{cache_dir}: a cache made with {', '.join(differs)}; "
                             f"use another --cache folder or pass --force to rebuild it")
         if differs:
             shutil.rmtree(cache_dir)
@@ -199,12 +194,25 @@ def cache_ready(cache_dir: str | Path) -> bool:
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
+def cache_mismatch(cache_dir: str | Path, data_cfg: DataConfig, data: Luna16 | None = None) -> list[str]:
+    """How the complete cache in ``cache_dir`` differs from one made of ``data`` with
+    ``data_cfg``'s region settings, in words (nothing: it serves); without ``data``, its version
+    and region settings alone are compared."""
+    old = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    out = [] if old.get("version") == CACHE_VERSION else [f"cache version {old.get('version')} (this noduledet: {CACHE_VERSION})"]
+    settings = old.get("settings", {})
+    out += [f"data.{k}={settings.get(k)!r} (the config: {v!r})" for k, v in data_cfg.region_settings().items()
+            if settings.get(k) != v]
+    if data is not None:
+        names = {"scans_sha1": "other scans", "annotations_sha1": "another annotations.csv",
+                 "excluded_sha1": "another annotations_excluded.csv"}
+        out += [names[k] for k, v in data_identity(data).items() if old.get(k) != v]
+    return out
+
+
 def cache_serves(cache_dir: str | Path, data: Luna16, data_cfg: DataConfig) -> bool:
     """True when ``cache_dir`` is a complete cache of ``data`` made with ``data_cfg``'s settings."""
-    if not cache_ready(cache_dir):
-        return False
-    old = json.loads((Path(cache_dir) / "manifest.json").read_text())
-    return old.get("version") == CACHE_VERSION and not _differences(old, _manifest(data, data_cfg))
+    return cache_ready(cache_dir) and not cache_mismatch(cache_dir, data_cfg, data)
 
 
 class SliceCache:
