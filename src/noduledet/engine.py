@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,21 +166,37 @@ class Trainer:
         self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.best, self.history = ckpt.epoch, ckpt.best, list(ckpt.history)
         torch.set_rng_state(s["rng"]["torch"])
-        if self.device.type == "cuda" and s["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        cuda = s["rng"]["cuda"]
+        if self.device.type == "cuda" and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        elif self.device.type == "cuda" or cuda:  # resumed on another machine: the sampling differs from here on
+            print(f"noduledet: note: {ckpt.path} saved the random state of {len(cuda)} GPU(s), this process has "
+                  f"{torch.cuda.device_count() if self.device.type == 'cuda' else 0}: the run goes on, not bit for bit",
+                  file=sys.stderr)
 
 
-def make_trainer(cfg: Config, device: torch.device, total_steps: int, lr: float) -> Trainer:
+def training_autocast(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Training's autocast dtype: with ``train.amp`` on a GPU bf16, or fp16 (with a gradient
+    scaler) where the GPU lacks bf16; None (fp32) on the CPU."""
+    if not (cfg.train.amp and device.type == "cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_trainer(cfg: Config, device: torch.device, total_steps: int, lr: float, amp_dtype: torch.dtype | None = None,
+                 ) -> Trainer:
+    """Model, optimiser, schedule and gradient scaler; ``amp_dtype`` (default
+    ``training_autocast(cfg, device)``) the autocast dtype of the steps: the tests and
+    ``benchmarks/gpu_check.py --smoke`` take bf16 on the CPU, the GPU's road."""
     t = cfg.train
     model = make_model(cfg).to(device)
     if device.type == "cuda" and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
-    amp = t.amp and device.type == "cuda"
-    fp16 = amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    return Trainer(model, optimizer, scheduler, scaler, device, (torch.float16 if fp16 else torch.bfloat16) if amp else None)
+    dtype = amp_dtype or training_autocast(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Trainer(model, optimizer, scheduler, scaler, device, dtype)
 
 
 def _loader(cfg: Config, dataset: SliceDataset, epoch: int) -> DataLoader:

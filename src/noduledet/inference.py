@@ -23,6 +23,7 @@ from noduledet.models.detector import DetectorSpec, build_from_spec
 
 
 MIN_BOX_PX = 1.0  # boxes narrower than a working pixel (clipped at a slice's edge) are no finding
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp32": None}  # Detector's precision -> autocast dtype
 
 
 class Detector:
@@ -37,11 +38,18 @@ class Detector:
         engine: "torch", or "onnx" (the convolutions on ONNX Runtime; CPU, Faster R-CNN).
         channels_last: NHWC weights, faster for oneDNN and cuDNN convolutions.
         pixel_mm: the working pixel spacing the model was trained at (0: each volume's own).
+        precision: "auto" (bf16 autocast on a GPU, fp32 on the CPU), "bf16" or "fp32"; boxes are
+            decoded in fp32 either way (``Fp32BoxCoder``).
     """
 
     def __init__(self, model: torch.nn.Module, offsets_mm, window_hu, device: torch.device | str = "cpu",
-                 batch_size: int = 4, engine: str = "torch", channels_last: bool = True, pixel_mm: float = 0.0):
+                 batch_size: int = 4, engine: str = "torch", channels_last: bool = True, pixel_mm: float = 0.0,
+                 precision: str = "auto"):
         self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}; choose from {sorted(PRECISIONS)}")
+        self.autocast = PRECISIONS[precision] if precision != "auto" else (
+            torch.bfloat16 if self.device.type == "cuda" else None)  # the autocast dtype, None: fp32
         self.variant, self.spec = model.variant, model.spec
         model = model.to(self.device).eval()
         if channels_last:
@@ -101,7 +109,7 @@ class Detector:
             t0 = time.perf_counter()
             images = [self.sample(hu, geometry, z, rows, cols).to(self.device) for z in batch]
             t1 = time.perf_counter()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
                 results = self.model(images)
             self.timings["prepare_s"] += t1 - t0
             self.timings["model_s"] += time.perf_counter() - t1

@@ -28,6 +28,7 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -154,6 +155,11 @@ class NoduleAnchors(AnchorGenerator):
         hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
         return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Keep the anchors in fp32 whatever the feature maps' dtype: torchvision casts them to it,
+        and under bf16 autocast a corner beyond 256 px would move by up to 2 px (and stay so)."""
+        super().set_cell_anchors(torch.float32, device)
+
     def num_anchors_per_location(self) -> list[int]:
         return [n * self.offsets for n in super().num_anchors_per_location()]
 
@@ -170,6 +176,18 @@ class NoduleAnchors(AnchorGenerator):
             anchors = off[:, None, :] + base[None, :, :]  # (K, A, 4): channel k * A + a of the RPN head
             out.append((cells + anchors.reshape(1, -1, 4)).reshape(-1, 4))
         return out
+
+
+class Fp32BoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` decoding in fp32 whatever the regression's dtype.
+
+    torchvision casts the reference boxes to the regression output's dtype; under bf16 autocast
+    (inference and training on a GPU) a corner beyond 256 px is then rounded to 2 px (1.4 mm at
+    0.7 mm pixels), beyond 512 px to 4 px. MONAI and detectron2 decode in fp32; so do we.
+    """
+
+    def decode(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
 
 def anchor_coverage(spec: DetectorSpec, sizes_px: tuple[float, float], boxes: int = 2000,
@@ -464,6 +482,8 @@ def build_from_spec(variant: str, spec: DetectorSpec) -> FasterRCNN:
     else:
         model = FasterRCNN(backbone, **common)
     model.transform = CTTransform()
+    model.rpn.box_coder = Fp32BoxCoder(model.rpn.box_coder.weights)
+    model.roi_heads.box_coder = Fp32BoxCoder(model.roi_heads.box_coder.weights)
     model.variant = variant
     model.spec = spec
     return model

@@ -44,19 +44,21 @@ def axis_weights(lo: Tensor, hi: Tensor, scale: float, bins: int, sampling: int,
 
 
 class _SeparableRoIAlign(torch.autograd.Function):
-    """torchvision's ``roi_align`` forward; the backward as ``Wy.T @ G @ Wx`` per image."""
+    """torchvision's ``roi_align`` forward; the backward as ``Wy.T @ G @ Wx`` per image, in the RoIs' dtype
+    (under bf16 autocast the gradient arrives in bf16, the weights are the RoIs' fp32)."""
 
     @staticmethod
     def forward(ctx, feature: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float,
                 sampling: int) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.meta = (feature.shape, output_size, scale, sampling)
+        ctx.meta = (feature.shape, feature.dtype, output_size, scale, sampling)
         return roi_align(feature, rois, output_size, scale, sampling, aligned=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rois,) = ctx.saved_tensors
-        (images, channels, height, width), (bins_y, bins_x), scale, sampling = ctx.meta
+        (images, channels, height, width), dtype, (bins_y, bins_x), scale, sampling = ctx.meta
+        grad = grad.to(rois.dtype)
         grad_feature = grad.new_zeros((images, channels, height, width))
         if len(rois):
             wy = axis_weights(rois[:, 2], rois[:, 4], scale, bins_y, sampling, height)
@@ -69,7 +71,7 @@ class _SeparableRoIAlign(torch.autograd.Function):
                 wy_k = wy[k].reshape(len(k) * bins_y, height)
                 summed = wy_k.T @ rows[k].reshape(len(k) * bins_y, channels * width)  # (H, C * W)
                 grad_feature[image] = summed.reshape(height, channels, width).transpose(0, 1)
-        return grad_feature, None, None, None, None
+        return grad_feature.to(dtype), None, None, None, None
 
 
 def separable_roi_align(feature: Tensor, rois: Tensor, output_size: tuple[int, int], scale: float,
