@@ -9,7 +9,7 @@ from scipy import ndimage
 from noduledet import __version__
 from noduledet.clinical import LUNG_RADS_NOTE, Finding, findings_from_candidates, size_category
 from noduledet.clinical.seg import build_seg, label_volumes_mm3, read_seg, write_seg
-from noduledet.clinical.source import read_series_headers
+from noduledet.clinical.source import REPORT_ATTRIBUTES, missing_for_reports, read_series_headers, series_headers
 from noduledet.clinical.sr import read_sr, write_sr
 from noduledet.data.ct import dicom_series_files, read_dicom, write_dicom
 from noduledet.errors import UserError
@@ -161,18 +161,25 @@ def test_series_without_frame_of_reference_is_refused(tmp_path):
         read_series_headers(tmp_path / "bare")
 
 
-def test_predict_writes_a_seg_equal_to_its_nifti_mask(phantom_root, tmp_path):
-    """A Mask R-CNN checkpoint on a DICOM series: predict's seg.dcm, read back with highdicom on
-    the source instances, is its mask.nii.gz voxel for voxel, and the SR lists the same findings."""
-    from noduledet.cli import main
+@pytest.fixture(scope="module")
+def phantom_dicom(phantom_root, tmp_path_factory):
+    """A phantom scan as a DICOM series, and a Mask R-CNN checkpoint that reports every box."""
     from noduledet.data.ct import read_ct
     from noduledet.data.luna16 import Luna16
     from tests.conftest import write_random_checkpoint
 
-    data = Luna16(phantom_root)
-    folder = tmp_path / "dicom"
-    write_dicom(read_ct(data.scan_path(data.uids[0])), folder)
-    ckpt = write_random_checkpoint(tmp_path / "mask.pt", masks=True)
+    data, root = Luna16(phantom_root), tmp_path_factory.mktemp("dicom")
+    write_dicom(read_ct(data.scan_path(data.uids[0])), root / "dicom")
+    return root / "dicom", write_random_checkpoint(root / "mask.pt", masks=True)
+
+
+def test_predict_writes_a_seg_equal_to_its_nifti_mask(phantom_dicom, tmp_path):
+    """A Mask R-CNN checkpoint on a DICOM series: predict's seg.dcm, read back with highdicom on
+    the source instances, is its mask.nii.gz voxel for voxel, and the SR lists the same findings."""
+    from noduledet.cli import main
+    from noduledet.data.ct import read_ct
+
+    folder, ckpt = phantom_dicom
     assert main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(tmp_path / "out"), "--no-pictures",
                  "--no-viewer", "--score-threshold", "0.0"]) == 0
     [scan] = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
@@ -181,3 +188,52 @@ def test_predict_writes_a_seg_equal_to_its_nifti_mask(phantom_root, tmp_path):
     back = read_seg(scan / "seg.dcm", read_series_headers(folder))
     np.testing.assert_array_equal(back, mask)
     assert len(read_sr(scan / "sr.dcm")) >= mask.max()
+
+
+def _without(folder, attribute: str, out):
+    """A copy of the series at ``folder`` in ``out`` with ``attribute`` removed from every file, as
+    converters and anonymisers leave some series."""
+    out.mkdir()
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        delattr(ds, attribute)
+        ds.save_as(out / path.name, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize("attribute", [a for a in REPORT_ATTRIBUTES if a != "SeriesInstanceUID"])  # without it
+def test_what_reports_need_is_named(series, attribute, tmp_path):  # no series is read at all (a one-line refusal)
+    headers = series_headers(_without(series, attribute, tmp_path / "bare"))
+    assert missing_for_reports(headers) == attribute and missing_for_reports(read_series_headers(series)) is None
+
+
+def test_reports_never_block_detection(phantom_dicom, tmp_path, capsys, monkeypatch):
+    """A series without FrameOfReferenceUID gets its candidates, pictures, mask and viewer; no SR or
+    SEG, one warning line, the reason in scan.json; --store then stores nothing and says why."""
+    from noduledet.cli import main
+    from noduledet.clinical import dicomweb
+    from noduledet.predict import PredictOptions, predict_dicomweb
+    from noduledet.records import read_scan_record
+
+    folder, ckpt = phantom_dicom
+    bare, out = _without(folder, "FrameOfReferenceUID", tmp_path / "bare"), tmp_path / "out"
+    assert main(["predict", str(bare), "--checkpoint", str(ckpt), "-o", str(out), "--score-threshold", "0.0",
+                 "--top", "1"]) == 0
+    [scan] = [p for p in out.iterdir() if p.is_dir()]
+    why = "the series has no FrameOfReferenceUID, which an SR and a SEG need"
+    assert [line for line in capsys.readouterr().out.splitlines() if "warning" in line] == [
+        f"{scan.name}: warning: no SR or SEG: {why} (the candidates, pictures and viewer are written)"]
+    summary, candidates = read_scan_record(scan)
+    assert summary["reports"] == {"sr": False, "seg": False, "skipped": why} and summary["findings"] == len(candidates) > 0
+    assert not (scan / "sr.dcm").exists() and not (scan / "seg.dcm").exists()
+    for name in ("candidates.csv", "top1.png", "mask.nii.gz", "viewer.json"):
+        assert (scan / name).is_file(), name
+    assert (out / "index.html").is_file()
+
+    no_study = _without(folder, "StudyInstanceUID", tmp_path / "no-study")
+    monkeypatch.setattr(dicomweb, "fetch_series", lambda url, study, dest, series: no_study)
+    monkeypatch.setattr(dicomweb, "store_files", lambda *a: pytest.fail("nothing may be stored"))
+    lines = []
+    predict_dicomweb("http://pacs.example", "1.2.3", None, ckpt, tmp_path / "pacs", store=True, log=lines.append,
+                     overrides={"score_threshold": 0.0}, options=PredictOptions(pictures=False, viewer=False))
+    assert lines[-1] == "nothing to store: the series has no StudyInstanceUID, which an SR and a SEG need"

@@ -19,6 +19,10 @@ a LUNA16 root (``subset*/``), a manifest (one path a line) or a series on a DICO
 (``noduledet.batch``: resume, shards, gather). The findings are the candidates at or above the
 operating point (``--operating-point``, calibrated on validation scans: a threshold and at most as
 many findings per scan as the busiest validation scan had there) or ``score_threshold``.
+
+Reports never block detection: a DICOM series lacking what an SR or SEG needs
+(``clinical.source.REPORT_ATTRIBUTES``) still gets its candidates, pictures and viewer; its
+reports are skipped with one warning line, and ``scan.json`` says why (``reports``).
 Under ``torchrun`` the scans are shared out among the processes; rank 0 merges at the end.
 """
 
@@ -112,8 +116,8 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
     if labels is not None:
         write_ct(CTVolume(labels, volume.geometry), folder / "mask.nii.gz")
     write_findings(folder / "candidates.csv", candidates_table({scan.name: result.candidates}), "probability")
-    if options.reports and scan.path.is_dir():
-        write_reports(scan, findings, labels, volume, folder, options)
+    reports = write_reports(scan, findings, labels, volume, folder, options) if options.reports and scan.path.is_dir() \
+        else None
     if options.viewer:
         write_viewer_payload(scan, volume, findings, folder)
     timings = {"read_s": read_s, **result.timings, "outputs_s": time.perf_counter() - t}
@@ -121,6 +125,7 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
     summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
                "spacing_xyz": list(volume.geometry.spacing), "status": result.status,
                **_findings_at(pipeline.operating_points, result.candidates),
+               "findings": len(findings), "reports": reports,
                "slices": len(result.region.lung_slices), "region_start_zyx": list(result.region.start_zyx),
                "region_shape_zyx": list(result.region.shape_zyx),
                "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -173,21 +178,31 @@ def label_ball(labels: np.ndarray, c: Candidate, spacing_xyz, rank: int) -> None
 
 
 def write_reports(scan: ScanInput, findings: list[Candidate], labels: np.ndarray | None, volume: CTVolume,
-                  folder: Path, options: PredictOptions) -> None:
-    """For a DICOM input with ``findings``: ``sr.dcm`` (TID 1500) and, with masks, ``seg.dcm``."""
+                  folder: Path, options: PredictOptions) -> dict:
+    """For a DICOM input with ``findings``: ``sr.dcm`` (TID 1500) and, with masks, ``seg.dcm``.
+
+    Returns:
+        {"sr": written?, "seg": written?, "skipped": why neither was written although there are
+        findings (the series lacks an attribute they need), else None}.
+    """
     from noduledet.clinical import findings_from_candidates
     from noduledet.clinical.seg import label_volumes_mm3, write_seg
-    from noduledet.clinical.source import read_series_headers
+    from noduledet.clinical.source import missing_for_reports, series_headers
     from noduledet.clinical.sr import write_sr
 
     volumes = label_volumes_mm3(labels, volume.geometry.spacing) if labels is not None else None
     findings = findings_from_candidates([c.to_dict() for c in findings], options.threshold, volumes)
     if not findings:
-        return  # a TID 1500 report needs a finding
-    sources = read_series_headers(scan.path, options.series)
+        return {"sr": False, "seg": False, "skipped": None}  # a TID 1500 report needs a finding
+    sources = series_headers(scan.path, options.series)
+    missing = missing_for_reports(sources)
+    if missing:
+        return {"sr": False, "seg": False, "skipped": f"the series has no {missing}, which an SR and a SEG need"}
     write_sr(findings, sources, folder / "sr.dcm")
-    if labels is not None and labels.any():
+    seg = labels is not None and bool(labels.any())
+    if seg:
         write_seg(labels, findings[:MAX_LABEL], sources, folder / "seg.dcm")  # label_volume's ranks
+    return {"sr": True, "seg": seg, "skipped": None}
 
 
 def write_viewer_payload(scan: ScanInput, volume: CTVolume, findings: list[Candidate], folder: Path) -> None:
@@ -234,6 +249,9 @@ def _predict_one(pipeline: Pipeline, scan: ScanInput, out: Path, options: Predic
     record_failure(out, scan.name, None)
     if log:
         log(f"{scan.name}: {summary['status']} ({summary['seconds']:.1f} s)")
+        if summary["reports"] and summary["reports"]["skipped"]:
+            log(f"{scan.name}: warning: no SR or SEG: {summary['reports']['skipped']} (the candidates, pictures "
+                f"and viewer are written)")
 
 
 def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, overrides: dict | None = None,
@@ -287,14 +305,15 @@ def predict_dicomweb(url: str, study: str, series: str | None, checkpoint: str |
         summaries = predict([folder], checkpoint, out, log=log, **kwargs)
         reports = [Path(out) / s["name"] / f for s in summaries for f in ("sr.dcm", "seg.dcm")
                    if (Path(out) / s["name"] / f).is_file()]
+        skipped = [s["reports"]["skipped"] for s in summaries if s["reports"] and s["reports"]["skipped"]]
         if store and reports:
             stored = store_files(url, reports)
             if log:
                 log(f"stored {len(stored)} object(s) in {url}: {', '.join(p.name for p in reports)}")
         elif store and log:
             reports_on = kwargs.get("options", PredictOptions()).reports
-            log("nothing to store: " + ("no finding reaches the findings' threshold" if reports_on
-                                        else "reports are off (--no-reports)"))
+            log("nothing to store: " + (skipped[0] if skipped else "no finding reaches the findings' threshold"
+                                        if reports_on else "reports are off (--no-reports)"))
         return summaries
     finally:
         shutil.rmtree(fetched, ignore_errors=True)
