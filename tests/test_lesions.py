@@ -71,7 +71,6 @@ def test_the_classifier_learns_nodules_from_vessels_on_pasted_ones_alone():
     cfg = Config()
     cfg.stage2 = replace(cfg.stage2, size=12, spacing_mm=2.5, width=4, epochs=8, samples_per_epoch=256,
                          batch_size=32, lr=0.01, synthetic=1.0, scale=0.0)
-    torch.set_num_threads(2)
     rng = np.random.default_rng(5)
     cubes = (-850 + rng.normal(0, 20, (40, 14, 14, 14))).astype(np.int16)
     model = fit(cubes, np.array([1, 1] + [0] * 38), cfg, torch.device("cpu"))
