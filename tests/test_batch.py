@@ -119,14 +119,14 @@ def test_a_manifest_lists_scans_relative_to_itself(phantom_root, random_checkpoi
 
 def test_an_operating_point_gives_the_findings_a_reader_reviews(phantom_root, random_checkpoint, tmp_path, capsys):
     ckpt = checkpoint.load(random_checkpoint)
-    ckpt.operating_points = {"fp_rates": [0.5, 1.0, 2.0, 4.0], "thresholds": [0.9, 0.5, 0.3, 0.1]}
+    ckpt.operating_points = {"fp_rates": [0.5, 1.0, 2.0, 4.0], "thresholds": [0.9, 0.6, 0.3, 0.1]}
     checkpoint.save(ckpt, tmp_path / "c.pt")
     out = tmp_path / "out"
     assert main(["predict", str(phantom_root), "--checkpoint", str(tmp_path / "c.pt"), "-o", str(out),
                  "--no-pictures", "--operating-point", "1"]) == 0
     every = (out / "candidates.csv").read_text().splitlines()[1:]
     findings = (out / "findings.csv").read_text().splitlines()[1:]
-    assert findings == [row for row in every if float(row.split(",")[-1]) >= 0.5]
+    assert findings == [row for row in every if float(row.split(",")[-1]) >= 0.6]
     summary = json.loads((out / "summary.json").read_text())
     counts = [s["findings_at_fp_per_scan"]["1"] for s in summary]
     assert sum(counts) == len(findings) and all(set(s["findings_at_fp_per_scan"]) == {"1/2", "1", "2", "4"}
@@ -153,3 +153,47 @@ def test_an_operating_point_gives_the_findings_a_reader_reviews(phantom_root, ra
     assert main(["predict", str(phantom_root), "--checkpoint", str(tmp_path / "c.pt"), "-o", str(tmp_path / "y"),
                  "--operating-point", "3"]) == 2
     assert "this checkpoint has 0.5, 1, 2, 4 false positives per scan" in capsys.readouterr().err
+
+
+def test_a_calibrated_checkpoint_gives_the_1_fp_operating_point_by_default(phantom_root, random_checkpoint, tmp_path,
+                                                                          capsys):
+    """Its findings (findings.csv, the viewer, SR and SEG) at the 1-FP point unless --score-threshold
+    or --operating-point say otherwise; an uncalibrated checkpoint keeps 0.5; every record says which rule."""
+    ckpt = checkpoint.load(random_checkpoint)
+    ckpt.operating_points = {"fp_rates": [0.5, 1.0, 2.0, 4.0], "thresholds": [0.9, 0.45, 0.3, 0.1],
+                             "max_findings": [1, 2, 3, 4]}
+    checkpoint.save(ckpt, tmp_path / "c.pt")
+
+    data = Luna16(phantom_root)
+    two = [data.scan_path(u) for u in data.uids[:2]]
+
+    def findings(out, ckpt, *flags):
+        assert main(["predict", *map(str, two), "--checkpoint", str(ckpt), "-o", str(out), "--no-pictures",
+                     "--no-viewer", *flags]) == 0
+        record = json.loads((out / "run.json").read_text())["options"]
+        scan = json.loads((out / sorted(p.name for p in out.iterdir() if (p / "scan.json").is_file())[0] /
+                           "scan.json").read_text())
+        assert scan["findings_rule"] == record["rule"]
+        rows = (out / "findings.csv").read_text().splitlines()[1:]
+        return record, rows, (out / "candidates.csv").read_text().splitlines()[1:]
+
+    record, rows, every = findings(tmp_path / "default", tmp_path / "c.pt")
+    assert record["rule"] == ("operating point 1 false positive(s) per scan (the default of a calibrated "
+                              "checkpoint): probability >= 0.45, at most 2 per scan")
+    assert f"findings: {record['rule']}" in capsys.readouterr().out
+    per_scan: dict[str, list[str]] = {}
+    for row in sorted(every, key=lambda r: -float(r.split(",")[-1])):  # the two most probable at or above 0.45
+        if float(row.split(",")[-1]) >= 0.45 and len(per_scan.setdefault(row.split(",")[0], [])) < 2:
+            per_scan[row.split(",")[0]].append(row)
+    assert sorted(rows) == sorted(r for kept in per_scan.values() for r in kept) and rows
+    record, rows, every = findings(tmp_path / "given", tmp_path / "c.pt", "--score-threshold", "0.2")
+    assert record["rule"] == "--score-threshold 0.2" and record["max_findings"] == 0
+    assert rows == [r for r in every if float(r.split(",")[-1]) >= 0.2]
+    record, rows, every = findings(tmp_path / "plain", random_checkpoint)
+    assert record["rule"] == ("probability >= 0.5, the checkpoint's eval.score_threshold (it has no calibrated "
+                              "operating points)")
+    assert rows == [r for r in every if float(r.split(",")[-1]) >= 0.5]
+    capsys.readouterr()
+    assert _run(phantom_root, tmp_path / "c.pt", tmp_path / "both", "--operating-point", "1", "--score-threshold",
+                "0.2") == 2
+    assert "--operating-point and --score-threshold both choose the findings; pass one" in capsys.readouterr().err

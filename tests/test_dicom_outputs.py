@@ -228,7 +228,7 @@ def test_reports_never_block_detection(phantom_dicom, tmp_path, capsys, monkeypa
     assert not (scan / "sr.dcm").exists() and not (scan / "seg.dcm").exists()
     for name in ("candidates.csv", "top1.png", "mask.nii.gz", "viewer.json"):
         assert (scan / name).is_file(), name
-    assert (out / "index.html").is_file()
+    assert (out / "index.html").is_file() and len((out / "findings.csv").read_text().splitlines()) == len(candidates) + 1
 
     no_study = _without(folder, "StudyInstanceUID", tmp_path / "no-study")
     monkeypatch.setattr(dicomweb, "fetch_series", lambda url, study, dest, series: no_study)

@@ -7,8 +7,8 @@ OUT/<name>/            one folder per finished scan, renamed into place when com
 OUT/failed/<name>.txt  why a scan could not be predicted (the run goes on; --resume tries it again)
 OUT/candidates.csv     every finished scan's candidates ...
 OUT/summary.json       ... and status, rebuilt from the scans' folders at the end
-OUT/findings.csv       with an operating point: each scan's candidates at or above its threshold, at
-                       most its max_findings
+OUT/findings.csv       each scan's findings: its candidates at or above the findings' threshold, at
+                       most max_findings (``predict.choose_findings`` picks them)
 ```
 
 A run killed at any point keeps the scans it finished; ``--resume`` with the same command skips
@@ -173,23 +173,21 @@ def failures(out: Path, names: list[str]) -> dict[str, str]:
             if not done(out, n) and (out / "failed" / f"{n}.txt").is_file()}
 
 
-def merge(folders: list[Path], out: Path, threshold: float | None = None, max_findings: int = 0) -> list[dict]:
-    """``candidates.csv`` and ``summary.json`` (and, with a ``threshold``, ``findings.csv``: per
-    scan its candidates at or above it, at most ``max_findings`` of them, 0: all) in ``out`` from
-    finished scans' folders; return the summaries."""
+def merge(folders: list[Path], out: Path, threshold: float, max_findings: int = 0) -> list[dict]:
+    """``candidates.csv``, ``summary.json`` and ``findings.csv`` (per scan its candidates at or
+    above ``threshold``, at most ``max_findings`` of them, 0: all) in ``out`` from finished scans'
+    folders; return the summaries."""
     summaries, tables, kept = [], [Findings.empty()], [Findings.empty()]
     for folder in folders:
         summaries.append(read_scan_record(folder)[0])
         tables.append(read_findings(folder / "candidates.csv", PREDICTION_COLUMNS))
-        if threshold is not None:
-            order = np.argsort(-tables[-1].value, kind="stable")
-            order = order[tables[-1].value[order] >= threshold][:max_findings or None]
-            kept.append(tables[-1].select(np.sort(order)))
+        order = np.argsort(-tables[-1].value, kind="stable")
+        order = order[tables[-1].value[order] >= threshold][:max_findings or None]
+        kept.append(tables[-1].select(np.sort(order)))
     table, findings = (Findings(np.concatenate([t.uids for t in ts]), np.concatenate([t.xyz for t in ts]).reshape(-1, 3),
                                 np.concatenate([t.value for t in ts])) for ts in (tables, kept))
     atomic_write(out / "candidates.csv", lambda tmp: write_findings(tmp, table, "probability"))
-    if threshold is not None:
-        atomic_write(out / "findings.csv", lambda tmp: write_findings(tmp, findings, "probability"))
+    atomic_write(out / "findings.csv", lambda tmp: write_findings(tmp, findings, "probability"))
     write_json(out / "summary.json", summaries)
     return summaries
 
@@ -210,11 +208,10 @@ def gather(shards: list[str | Path], out: str | Path, force: bool = False, allow
         raise UserError(f"{len(missing)} of {len(names)} scans are in no shard ({', '.join(missing[:3])}"
                         f"{', ...' if len(missing) > 3 else ''}); resume their shards, or pass --allow-missing")
     options = records[0]["options"]
-    threshold = options.get("threshold") if options.get("operating_point") is not None else None
     with staged_dir(out, force) as tmp:
         write_run_record(tmp, {**records[0], "shard": None, "gathered_from": [str(s) for s in shards],
                                "missing": missing})
-        summaries = merge([found[n] for n in names if n in found], tmp, threshold, options.get("max_findings", 0))
+        summaries = merge([found[n] for n in names if n in found], tmp, options["threshold"], options["max_findings"])
     if log:
         log(f"gathered {len(found)} of {len(names)} scans from {len(shards)} shards into {out}"
             + (f"; missing: {', '.join(missing)}" if missing else ""))

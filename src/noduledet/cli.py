@@ -348,10 +348,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--series", help="SeriesInstanceUID to read from a DICOM folder holding several")
-    p.add_argument("--score-threshold", type=float, help="probability counted as a finding (default: the checkpoint's, 0.5)")
+    p.add_argument("--score-threshold", type=float,
+                   help="the findings (SR, SEG, findings.csv, the viewer) are the candidates of this probability or "
+                        "more. Default: a calibrated checkpoint's 1 FP/scan operating point (as --operating-point 1), "
+                        "else the checkpoint's eval.score_threshold (0.5); the rule taken is printed and recorded in "
+                        "run.json and scan.json")
     p.add_argument("--operating-point", type=float, metavar="FP_PER_SCAN",
-                   help="a calibrated operating point (0.5, 1, 2 or 4 false positives per scan): its findings "
-                        "go to findings.csv and each scan's status counts them")
+                   help="the findings at a calibrated operating point (0.5, 1, 2 or 4 false positives per scan): its "
+                        "threshold and its findings per scan at most; not with --score-threshold")
     p.add_argument("--top", type=int, default=5, help="pictures of the top candidates per scan (default 5)")
     p.add_argument("--no-pictures", action="store_true")
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default: the checkpoint's, 4)")

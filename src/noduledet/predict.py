@@ -16,9 +16,12 @@ a LUNA16 root (``subset*/``), a manifest (one path a line) or a series on a DICO
     OUT/index.html            an offline viewer of the findings of every scan
 
 ``OUT/run.json``, ``candidates.csv``, ``summary.json`` and ``findings.csv`` are the run's
-(``noduledet.batch``: resume, shards, gather). The findings are the candidates at or above the
-operating point (``--operating-point``, calibrated on validation scans: a threshold and at most as
-many findings per scan as the busiest validation scan had there) or ``score_threshold``.
+(``noduledet.batch``: resume, shards, gather). The findings (SR, SEG, ``findings.csv``, the viewer)
+are the candidates a reader is shown, chosen by one rule, which ``run.json`` and every
+``scan.json`` record (``findings_rule``): ``--operating-point`` (calibrated on validation scans: a
+threshold and at most as many findings per scan as the busiest validation scan had there), else
+``--score-threshold``, else the 1 false-positive-per-scan operating point of a calibrated
+checkpoint, else the checkpoint's ``eval.score_threshold`` (0.5).
 
 Reports never block detection: a DICOM series lacking what an SR or SEG needs
 (``clinical.source.REPORT_ATTRIBUTES``) still gets its candidates, pictures and viewer; its
@@ -56,6 +59,7 @@ __all__ = ["PredictOptions", "ScanInput", "expand_inputs", "predict", "predict_s
 
 
 MAX_LABEL = 255  # findings with a mask in mask.nii.gz and seg.dcm, the most probable first
+DEFAULT_OPERATING_POINT = 1.0  # false positives per scan of the findings of a calibrated checkpoint
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class PredictOptions:
     max_findings: int = 0  # findings per scan at most, the most probable (the operating point's; 0: no limit)
     reports: bool = True  # DICOM SR (and SEG) for DICOM inputs
     viewer: bool = True  # OUT/index.html
+    rule: str = ""  # which rule chose threshold and max_findings, in words (``choose_findings``)
 
     def findings(self, candidates: list[Candidate]) -> list[Candidate]:
         """The candidates (most probable first) a reader is shown: at or above the threshold,
@@ -100,6 +105,31 @@ def operating_point(points: dict | None, rate: float, checkpoint: str | Path) ->
     return points["thresholds"][k], max_findings(points)[k]
 
 
+def choose_findings(pipeline: Pipeline, options: PredictOptions, score_threshold_given: bool,
+                    checkpoint: str | Path) -> PredictOptions:
+    """``options`` with the findings' threshold, limit and rule (module docstring): the operating
+    point asked for, else a ``--score-threshold`` given, else ``DEFAULT_OPERATING_POINT`` of a
+    calibrated checkpoint, else the checkpoint's threshold. The threshold also becomes
+    ``pipeline.settings.score_threshold``, at which each scan's status counts."""
+    points, rate = pipeline.operating_points, options.operating_point
+    if rate is not None and score_threshold_given:
+        raise UserError("--operating-point and --score-threshold both choose the findings; pass one of them")
+    chosen_by = "--operating-point"
+    if rate is None and not score_threshold_given and points and DEFAULT_OPERATING_POINT in points["fp_rates"]:
+        rate, chosen_by = DEFAULT_OPERATING_POINT, "the default of a calibrated checkpoint"
+    if rate is None:
+        threshold = pipeline.settings.score_threshold
+        rule = (f"--score-threshold {threshold:g}" if score_threshold_given else
+                f"probability >= {threshold:g}, the checkpoint's eval.score_threshold (it has no calibrated "
+                f"operating points)")
+        return replace(options, threshold=threshold, max_findings=0, rule=rule)
+    threshold, most = operating_point(points, rate, checkpoint)
+    pipeline.settings = replace(pipeline.settings, score_threshold=threshold)
+    rule = (f"operating point {fp_label(rate)} false positive(s) per scan ({chosen_by}): probability >= "
+            f"{threshold:.4g}" + (f", at most {most} per scan" if most else ""))
+    return replace(options, operating_point=rate, threshold=threshold, max_findings=most, rule=rule)
+
+
 def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: PredictOptions = PredictOptions()) -> dict:
     """Run one scan through the pipeline and write its outputs into ``folder`` (a staging folder,
     renamed by the caller); return its summary."""
@@ -125,7 +155,7 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
     summary = {"name": scan.name, "path": str(scan.path), "shape_zyx": list(volume.hu.shape),
                "spacing_xyz": list(volume.geometry.spacing), "status": result.status,
                **_findings_at(pipeline.operating_points, result.candidates),
-               "findings": len(findings), "reports": reports,
+               "findings": len(findings), "findings_rule": options.rule, "reports": reports,
                "slices": len(result.region.lung_slices), "region_start_zyx": list(result.region.start_zyx),
                "region_shape_zyx": list(result.region.shape_zyx),
                "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -223,8 +253,7 @@ def finish(out: Path, names: list[str], options: PredictOptions) -> list[dict]:
             raise UserError(first)
         raise UserError(f"{out}: {len(failed)} of {len(names)} scans failed (first: {first}); the others are "
                         f"written; see {out / 'failed'}, fix them and rerun with --resume")
-    summaries = merge([out / n for n in names], out, options.threshold if options.operating_point is not None else None,
-                      options.max_findings)
+    summaries = merge([out / n for n in names], out, options.threshold, options.max_findings)
     if options.viewer:
         from noduledet.clinical.viewer import page
 
@@ -273,12 +302,9 @@ def predict(inputs: list[str | Path], checkpoint: str | Path, out: str | Path, o
     out, checkpoint = Path(out), Path(checkpoint)
     scans = expand_inputs(list(inputs) + (read_manifest(manifest) if manifest else []))
     pipeline = Pipeline.from_checkpoint(checkpoint, resolve_device(device), **(overrides or {}))
-    threshold = pipeline.settings.score_threshold
-    if options.operating_point is not None:
-        threshold, most = operating_point(pipeline.operating_points, options.operating_point, checkpoint)
-        pipeline.settings = replace(pipeline.settings, score_threshold=threshold)
-        options = replace(options, max_findings=most)
-    options = replace(options, threshold=threshold)
+    options = choose_findings(pipeline, options, "score_threshold" in (overrides or {}), checkpoint)
+    if rank_and_world()[0] == 0 and log:
+        log(f"findings: {options.rule}")
     mine = scans[shard[0]::shard[1]] if shard else scans
     rank, world = rank_and_world()
     if rank == 0:
