@@ -111,12 +111,18 @@ def cut(cache: SliceCache, items: list[dict], spec: ClassifierSpec, margin: int)
     return out
 
 
+CUBE_GAIN = (0.93, 1.07)  # stage two's training cubes: HU times a gain drawn uniformly from here ...
+CUBE_OFFSET_HU = (-30.0, 30.0)  # ... plus an offset drawn from here (calibration, kernels) ...
+CUBE_NOISE_HU = 25.0  # ... and, on half of them, noise of a sigma drawn from 0..this (dose)
+
+
 def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator, shift: float | None = None,
-                 scale: float = 0.0, noise_hu: float = 25.0) -> np.ndarray:
+                 scale: float = 0.0, noise_hu: float = CUBE_NOISE_HU) -> np.ndarray:
     """A ``size`` cube from a larger one: a random shift by up to ``shift`` voxels (default: as far
     as the cube allows), a zoom by up to ``scale`` (other nodule
     sizes than the training scans hold), flips on each axis, a quarter turn in the axial plane,
-    a HU gain and offset, and noise of up to ``noise_hu`` on half the cubes."""
+    a HU gain (``CUBE_GAIN``) and offset (``CUBE_OFFSET_HU``), and noise of up to ``noise_hu`` on
+    half the cubes."""
     zoom = float(np.exp(rng.uniform(-np.log1p(scale), np.log1p(scale))))
     room = (cube.shape[0] - 1 - zoom * (size - 1)) / 2  # how far the sampled grid may move off centre
     room = max(0.0, room if shift is None else min(room, shift))  # zoomed out past the cube: edges repeat
@@ -127,7 +133,7 @@ def augment_cube(cube: np.ndarray, size: int, rng: np.random.Generator, shift: f
             c = np.flip(c, axis)
     if rng.random() < 0.5:
         c = np.swapaxes(c, 1, 2)  # with the flips: every quarter turn about z
-    c = c * rng.uniform(0.93, 1.07) + rng.uniform(-30, 30)
+    c = c * rng.uniform(*CUBE_GAIN) + rng.uniform(*CUBE_OFFSET_HU)
     if rng.random() < 0.5:
         c = c + rng.normal(0.0, rng.uniform(0, noise_hu), c.shape).astype(np.float32)
     return np.ascontiguousarray(c, dtype=np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
-LUNG_WINDOW = (-1350.0, 150.0)  # width 1500, level -600: how radiologists read lung nodules
+LUNG_WINDOW = (-1350.0, 150.0)  # HU black to white: W1500/L-600, how radiologists read lung nodules (every picture, the viewer)
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> None:

@@ -27,8 +27,7 @@ import numpy as np
 
 from noduledet.clinical.finding import size_category
 from noduledet.geometry import voxel_to_pixel
-
-LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) HU
+from noduledet.plots import LUNG_WINDOW
 
 
 @dataclass
@@ -49,10 +48,11 @@ class ViewerScan:
     candidates: list[dict]
 
 
-def lung_window(plane: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> np.ndarray:
-    """HU -> uint8 grey levels, linear from level - width/2 (black) to level + width/2 (white)."""
-    lo = level - width / 2
-    return np.clip((plane.astype(np.float32) - lo) * (255.0 / width), 0, 255).round().astype(np.uint8)
+def lung_window(plane: np.ndarray, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """HU -> uint8 grey levels, linear from ``window``'s low end (black) to its high end (white):
+    the pictures' lung window (``plots.LUNG_WINDOW``)."""
+    lo, hi = window
+    return np.clip((plane.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
 def png_data_uri(grey: np.ndarray) -> str:
