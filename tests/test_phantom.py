@@ -64,7 +64,24 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["phantom", str(out), "--scans", "1", "--size", "48"]) == 0
     assert main(["phantom", str(out), "--scans", "1", "--size", "48"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
-    assert main(["phantom", str(out), "--scans", "2", "--size", "48", "--force", "--preview"]) == 0
+    assert main(["phantom", str(out), "--scans", "2", "--size", "48", "--force", "--preview", "--nodules", "1", "2"]) == 0
     assert len(Luna16(out).uids) == 2
-    assert (out / "preview.png").stat().st_size > 1000
+    # each nodule at the centre of its panel, in the lung window: the grey of the voxel under it
+    from PIL import Image
+
+    from noduledet.data.phantom import write_preview
+    from noduledet.plots import LUNG_WINDOW
+
+    centres = write_preview(out, tmp_path / "again.png")
+    data = Luna16(out)
+    ann = data.annotations()
+    with Image.open(out / "preview.png") as image:
+        png = np.asarray(image.convert("L"), dtype=float)
+    assert len(centres) == len(ann) > 0
+    for (row, col), uid, xyz in zip(centres, ann.uids, ann.xyz):
+        volume = read_ct(data.scan_path(uid))
+        zf, yf, xf = volume.geometry.world_to_voxel(xyz)
+        z, y, x = int(round(zf)), int(np.floor(yf + 0.5)), int(np.floor(xf + 0.5))  # the slice shown, the pixel under the centre
+        lo, hi = LUNG_WINDOW
+        assert png[row, col] == pytest.approx(np.clip((volume.hu[z, y, x] - lo) / (hi - lo), 0, 1) * 255, abs=3)
     assert not list(tmp_path.glob(".*partial"))

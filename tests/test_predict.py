@@ -45,7 +45,25 @@ def test_same_candidates_from_mhd_dicom_and_nifti(three_formats, random_checkpoi
     scan = json.loads((out / uid / "scan.json").read_text())
     assert scan["status"] == f"{len(scan['candidates'])} candidates, " + \
         f"{sum(c['probability'] >= 0.5 for c in scan['candidates'])} with probability >= 0.5"
-    assert (out / uid / "top1.png").stat().st_size > 1000 and (out / uid / "top2.png").exists()
+    assert (out / uid / "top2.png").exists() and not (out / uid / "top3.png").exists()
+    # top1.png shows the candidate's slice in the lung window: at its centre in the zoomed panel, the
+    # grey of the voxel there, as plots.candidate lays it out
+    from PIL import Image
+
+    from noduledet.candidates import Candidate
+    from noduledet.plots import LUNG_WINDOW
+    from noduledet.predict import draw_candidate
+
+    c = scan["candidates"][0]
+    volume = read_ct(root / f"{uid}.mhd")
+    best = Candidate(np.array(c["voxel_zyx"]), np.array(c["world_xyz"]), c["probability"], c["diameter_mm"],
+                     c["slices"], tuple(c["z_range"]), [])
+    _, (row, col) = draw_candidate(volume, best, 1, tmp_path / "again.png")
+    with Image.open(out / uid / "top1.png") as image:
+        shown = float(np.asarray(image.convert("L"))[row, col])
+    z, y, x = np.floor(np.array(c["voxel_zyx"]) + [0.5, 0.5, 0.5]).astype(int)  # the voxel under the centre
+    lo, hi = LUNG_WINDOW
+    assert shown == pytest.approx(np.clip((volume.hu[z, y, x] - lo) / (hi - lo), 0, 1) * 255, abs=3)
 
 
 def test_candidates_are_world_coordinates(three_formats, random_checkpoint, tmp_path):

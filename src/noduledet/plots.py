@@ -20,6 +20,13 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> None:
     fig.savefig(path, dpi=dpi)
 
 
+def _png_pixel(fig: Figure, ax, xy) -> tuple[int, int]:
+    """The (row, col) of the saved PNG (a figure made at the dpi it is saved with) where data
+    point ``xy`` of ``ax`` is drawn."""
+    col, up = ax.transData.transform(xy)
+    return int(fig.bbox.height - up), int(col)
+
+
 def training_curves(runs: dict[str, list[dict]], keys: list[tuple[str, str]], path: str | Path,
                     title: str = "") -> None:
     """One panel per (key, label), one line per run, over epochs."""
@@ -77,18 +84,22 @@ def precision_recall(precision: np.ndarray, recall: np.ndarray, path: str | Path
 
 
 def candidate(plane_hu: np.ndarray, spacing_xy, centre_xy, radius_mm: float, title: str, path: str | Path,
-              zoom_mm: float = 60.0) -> None:
+              zoom_mm: float = 60.0) -> list[tuple[int, int]]:
     """An axial slice in a lung window, whole and zoomed, with a circle around a finding.
 
     Args:
         plane_hu: (H, W) HU.
         spacing_xy: pixel size (x, y) mm.
         centre_xy: the finding's centre in pixel coordinates.
+
+    Returns:
+        The (row, col) of the PNG where the finding's centre lies, in the whole and the zoomed panel.
     """
     sx, sy = spacing_xy
     x, y = centre_xy
-    fig = Figure(figsize=(9, 4.6))
-    for ax, zoom in zip(fig.subplots(1, 2), (False, True)):
+    fig = Figure(figsize=(9, 4.6), dpi=90)
+    axes = fig.subplots(1, 2)
+    for ax, zoom in zip(axes, (False, True)):
         ax.imshow(plane_hu, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=sy / sx,
                   extent=(0, plane_hu.shape[1], plane_hu.shape[0], 0))
         ax.add_patch(Circle((x, y), (radius_mm + 3) / sx, fill=False, color="#ff3b30", lw=1.4))
@@ -99,13 +110,15 @@ def candidate(plane_hu: np.ndarray, spacing_xy, centre_xy, radius_mm: float, tit
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     _save(fig, path, 90)
+    return [_png_pixel(fig, ax, (x, y)) for ax in axes]
 
 
 def slice_grid(panels: list[tuple[np.ndarray, tuple[float, float], float, str]], path: str | Path,
-               columns: int = 4) -> None:
-    """Axial slices in a lung window, each with a circle: (plane HU, centre (x, y) px, radius px, title)."""
+               columns: int = 4) -> list[tuple[int, int]]:
+    """Axial slices in a lung window, each with a circle: (plane HU, centre (x, y) px, radius px,
+    title); returns the (row, col) of the PNG where each circle's centre lies."""
     rows = (len(panels) + columns - 1) // columns
-    fig = Figure(figsize=(4 * columns, 4 * rows))
+    fig = Figure(figsize=(4 * columns, 4 * rows), dpi=80)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
@@ -115,4 +128,5 @@ def slice_grid(panels: list[tuple[np.ndarray, tuple[float, float], float, str]],
         ax.add_patch(Circle((x, y), r, fill=False, color="red", lw=1.2))
         ax.set_title(title, fontsize=9)
     _save(fig, path, 80)
+    return [_png_pixel(fig, ax, centre) for ax, (_, centre, _, _) in zip(axes, panels)]
 

@@ -164,14 +164,15 @@ def predict_scan(pipeline: Pipeline, scan: ScanInput, folder: Path, options: Pre
     return summary
 
 
-def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> None:
-    """The candidate's axial slice in a lung window, whole and zoomed, circled."""
+def draw_candidate(volume: CTVolume, c: Candidate, rank: int, path: Path) -> list[tuple[int, int]]:
+    """The candidate's axial slice in a lung window, whole and zoomed, circled; the (row, col) of
+    the PNG where its centre lies in each panel (``plots.candidate``)."""
     k = int(np.clip(round(c.voxel_zyx[0]), 0, volume.hu.shape[0] - 1))
     w = c.world_xyz
     title = (f"#{rank}  p={c.probability:.3f}  slice {k}  ({w[0]:.1f}, {w[1]:.1f}, {w[2]:.1f}) mm  "
              f"~{c.diameter_mm:.1f} mm")
-    plots.candidate(volume.hu[k], volume.geometry.spacing[:2], voxel_to_pixel(c.voxel_zyx[1:]),
-                    max(c.diameter_mm / 2, 2.0), title, path)
+    return plots.candidate(volume.hu[k], volume.geometry.spacing[:2], voxel_to_pixel(c.voxel_zyx[1:]),
+                           max(c.diameter_mm / 2, 2.0), title, path)
 
 
 def label_volume(volume: CTVolume, result: ScanResult, findings: list[Candidate]) -> np.ndarray:

@@ -686,8 +686,9 @@ def _write_scan(job) -> dict:
     }
 
 
-def write_preview(root: Path, path: Path, count: int = 8) -> None:
-    """A picture of axial slices through the first ``count`` nodules, each circled."""
+def write_preview(root: Path, path: Path, count: int = 8) -> list[tuple[int, int]]:
+    """A picture of axial slices through the first ``count`` nodules, each circled; the (row, col)
+    of the PNG where each nodule's centre lies."""
     from noduledet.data.ct import read_ct
     from noduledet.data.luna16 import Luna16
     from noduledet.plots import slice_grid
@@ -705,5 +706,4 @@ def write_preview(root: Path, path: Path, count: int = 8) -> None:
         k = int(round(z))
         panels.append((volumes[uid].hu[k], (x + 0.5, y + 0.5), ann.value[i] / 2 / g.spacing[0] + 6,
                        f"{uid[-8:]} slice {k}: {ann.value[i]:.1f} mm"))
-    if panels:
-        slice_grid(panels, path)
+    return slice_grid(panels, path) if panels else []
