@@ -18,26 +18,40 @@ from noduledet.models.detector import count_parameters  # noqa: E402
 from noduledet.models.profile import count_flops  # noqa: E402
 
 
-def test_variant_measurement_matches_the_model():
+def test_variant_measurement_matches_the_model(monkeypatch):
+    import bench_variants
+
+    calls = []
+    monkeypatch.setattr(bench_variants, "time_call", lambda fn, repeats: calls.append(fn()) or 0.02)  # 20 ms a call
+    monkeypatch.setattr(bench_variants, "matmul_gflops", lambda: 50.0)
     row = measure("ccapm", "tiny", 64, repeats=1)
     model = build_detector("ccapm").eval()
     assert row["params_m"] == pytest.approx(count_parameters(model) / 1e6)
     # the untrained weights decide how many boxes the heads see: FLOPs agree to a few percent
     assert row["gflops"] == pytest.approx(count_flops(model, [torch.rand(3, 64, 64)]) / 1e9, rel=0.05)
-    assert row["infer_ms"] > 0 and row["train_ms_per_image"] > 0  # times: docs/benchmarks.md, not tests
-    assert row["peak_mb"] >= row["infer_peak_mb"] > 0
+    assert len(calls) == 2 and isinstance(calls[0], list)  # inference (boxes per image), then a training step
+    assert row["infer_ms"] == pytest.approx(20.0) and row["train_ms_per_image"] == pytest.approx(10.0)  # a step: 2 images
+    assert row["matmul_gflops"] == 50.0 and row["peak_mb"] >= row["infer_peak_mb"] > 0
 
 
-def test_overhead_of_a_model_against_itself_is_one():
-    r = overhead(["res"], "tiny", 64, rounds=3)["res"]
+def test_overhead_is_the_median_of_interleaved_ratios(monkeypatch):
+    import bench_variants
+
+    # per round: the variant's backbone, res's backbone, the variant's detector, res's detector
+    times = iter([3.0, 2.0, 5.0, 4.0] + [6.0, 2.0, 5.0, 5.0] + [4.5, 3.0, 6.0, 4.0])
+    monkeypatch.setattr(bench_variants, "time_call", lambda fn, repeats: next(times))
+    r = overhead(["ccapm"], "tiny", 64, rounds=3)["ccapm"]
     assert set(r) == {"backbone", "detector"}
-    backbone, spread = r["backbone"]
-    assert 0.7 < backbone < 1.4 and spread >= 0  # the same network: equal up to timing noise
+    assert r["backbone"][0] == pytest.approx(1.5) and r["detector"][0] == pytest.approx(1.25)  # medians of 1.5, 3, 1.5
+    assert r["backbone"][1] == pytest.approx(0.75)  # interquartile range of (1.5, 3.0, 1.5): 2.25 - 1.5
 
 
-def test_matmul_rate_is_the_rate_of_a_known_product():
-    rate = matmul_gflops(n=256, repeats=3)
-    assert 0.5 < rate < 1e5  # GFLOP/s of 2 n^3 flops: between a slow laptop and a large GPU
+def test_matmul_rate_is_the_rate_of_a_known_product(monkeypatch):
+    import common
+
+    clock = iter(np.arange(0.0, 100.0, 0.004))  # every reading 4 ms after the last: each product takes 4 ms
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    assert matmul_gflops(n=200, repeats=3) == pytest.approx(2 * 200**3 / 0.004 / 1e9)  # 2 n^3 flops in 4 ms: 4 GFLOP/s
 
 
 def test_table3_gpu_script_help_and_no_gpu_refusal(monkeypatch, capsys):

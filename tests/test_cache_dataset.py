@@ -67,7 +67,7 @@ def test_training_items(phantom_cache):
         b = target["boxes"]
         assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (b >= 0).all(1) & (b[:, 2:] <= 64).all(1)).all()
         assert target["masks"].shape == (len(b), 64, 64)
-        if i < len(ds.positives) and not ds.augment:
+        if i < len(ds.positives):  # augmented too: shifts, zooms, flips and turns keep the nodule in the patch
             assert len(b) >= 1
 
 
@@ -80,6 +80,7 @@ def test_positive_patches_hold_their_nodule(phantom_cache):
         for box, mask in zip(target["boxes"], target["masks"]):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert xs.min() >= int(box[0]) - 1 and xs.max() < int(np.ceil(float(box[2]))) + 1
+            assert ys.min() >= int(box[1]) - 1 and ys.max() < int(np.ceil(float(box[3]))) + 1
 
 
 def test_items_depend_on_seed_epoch_index_only(phantom_cache):

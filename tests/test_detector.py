@@ -73,8 +73,13 @@ def test_mask_rcnn_trains_and_returns_masks():
 def test_in_channels_is_the_number_of_slices(in_channels):
     for variant in ("ccapm", "vgg16", "efficientnet-b0", "mobilenet-v3-large"):
         model = build_detector(variant, in_channels=in_channels).eval()
+        first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == in_channels, variant
         with torch.no_grad():
-            model([torch.rand(in_channels, SIZE, SIZE)])
+            out = model([torch.rand(in_channels, SIZE, SIZE)])[0]
+            assert out["boxes"].shape[1] == 4 and len(out["scores"]) == len(out["boxes"])
+            with pytest.raises(RuntimeError, match="channels"):  # a slice of another depth is refused
+                model([torch.rand(in_channels + 1, SIZE, SIZE)])
 
 
 def test_no_resize_and_no_imagenet_normalisation():

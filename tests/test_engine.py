@@ -10,7 +10,7 @@ import torch
 
 from noduledet import engine
 from noduledet.cli import main
-from noduledet.config import Stage2Config, load_config
+from noduledet.config import Config, Stage2Config, load_config
 from noduledet.errors import UserError
 from noduledet.runfolder import RunFolder
 
@@ -100,17 +100,29 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "no prepared cache, and data.root is not set" in capsys.readouterr().err
 
 
-def test_evaluate_writes_both_metric_families(trained, tmp_path, capsys):
+def test_evaluate_writes_both_metric_families(trained, phantom_root, tmp_path, capsys):
+    from PIL import Image
+
+    from noduledet.data.luna16 import PREDICTION_COLUMNS, Luna16, read_findings
+    from noduledet.metrics.froc import froc
+
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(trained / "best.pt"), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "mAP (AP@0.5)" in text and "CPM" in text
     report = json.loads((out / "metrics.json").read_text())
-    assert report["scans_chosen"].startswith("the run's test split")
-    assert 0 <= report["froc"]["cpm"] <= 1 and len(report["froc"]["sensitivities"]) == 7
-    for name in ("metrics.md", "candidates.csv", "froc.png", "pr.png"):
-        assert (out / name).stat().st_size > 0
-    assert (out / "candidates.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
+    test = json.loads((trained / "splits.json").read_text())["test"]
+    assert report["scans_chosen"] == f"the run's test split ({trained / 'splits.json'})" and report["scans"] == len(test)
+    table = read_findings(out / "candidates.csv", PREDICTION_COLUMNS)  # LUNA16's columns, the test scans' rows
+    assert set(table.uids.tolist()) <= set(test)
+    data = Luna16(phantom_root)
+    again = froc(data.annotations(), data.excluded(), table, test, 100, 0)  # the CSV scores to the reported CPM
+    assert report["froc"]["cpm"] == pytest.approx(again.cpm) and report["froc"]["sensitivities"] == pytest.approx(
+        again.sensitivities.tolist())
+    assert f"**{report['froc']['cpm']:.3f}**" in (out / "metrics.md").read_text()
+    for name, size in (("froc.png", (660, 495)), ("pr.png", (550, 495))):  # figure inches x 110 dpi
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size == size
     assert main(["evaluate", "--checkpoint", str(trained / "best.pt"), "-o", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
 
@@ -160,8 +172,16 @@ def test_distributed_training_with_two_cpu_processes(phantom_root, phantom_cache
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
-    assert cfg.model.variant and cfg.train.out
+    """Every value the file sets is the loaded config's (nothing dropped or renamed), the rest defaults."""
+    import yaml
+
+    raw, cfg = yaml.safe_load(path.read_text()), load_config(path)
+    loaded, defaults = cfg.to_dict(), Config().to_dict()
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert loaded[section][key] == value, f"{section}.{key}"
+    unset = [(s, k) for s in defaults for k in defaults[s] if k not in raw.get(s, {})]
+    assert unset and all(loaded[s][k] == defaults[s][k] for s, k in unset)
 
 
 @pytest.mark.parametrize("override, message", [
