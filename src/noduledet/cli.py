@@ -312,9 +312,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, help="LUNA16-layout folder (default: the run's)")
     p.add_argument("--cache", type=Path, help="its prepared cache (default: the run's, if it is of that data)")
-    p.add_argument("--subset", type=int, nargs="+", help="evaluate these LUNA16 subsets")
+    p.add_argument("--subset", type=int, nargs="+", help="evaluate these LUNA16 subsets of --data")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
-                   help="else this split of the run (default test)")
+                   help="else this split of the run's splits.json beside the checkpoint (default test; refused when "
+                        "the run has none or it is empty), or all: every scan of --data")
     p.add_argument("--score-threshold", type=float, help="operating point for Recall/Precision/F1 (default 0.5)")
     p.add_argument("--link-mm", type=float, help="3D merging distance in z (default 3)")
     p.add_argument("--batch-size", type=int, help="slices per forward pass (default 4)")
