@@ -52,7 +52,8 @@ SMOKE = ["model.preset=tiny", "data.patch=64", "data.pixel_mm=4.0", "train.batch
 SMOKE_SLICES = 16  # lung slices compared in --smoke (evenly spaced); on a GPU every lung slice
 
 
-def train_steps(cfg, cache: SliceCache, device: torch.device, steps: int, amp: torch.dtype | None) -> tuple[dict, torch.nn.Module]:
+def train_steps(cfg, cache: SliceCache, device: torch.device, steps: int,
+                amp: torch.dtype | None) -> tuple[dict, torch.nn.Module]:
     """``steps`` steps of ``engine.train_one_epoch`` on the training split of ``cache``, with
     ``amp`` autocast; the epoch's row (images per second, losses) and the model."""
     splits = engine.make_splits(cfg, cache)

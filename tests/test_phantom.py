@@ -80,8 +80,8 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert len(centres) == len(ann) > 0
     for (row, col), uid, xyz in zip(centres, ann.uids, ann.xyz):
         volume = read_ct(data.scan_path(uid))
-        zf, yf, xf = volume.geometry.world_to_voxel(xyz)
-        z, y, x = int(round(zf)), int(np.floor(yf + 0.5)), int(np.floor(xf + 0.5))  # the slice shown, the pixel under the centre
+        zf, yf, xf = volume.geometry.world_to_voxel(xyz)  # the slice shown and the pixel under the centre:
+        z, y, x = int(round(zf)), int(np.floor(yf + 0.5)), int(np.floor(xf + 0.5))
         lo, hi = LUNG_WINDOW
         assert png[row, col] == pytest.approx(np.clip((volume.hu[z, y, x] - lo) / (hi - lo), 0, 1) * 255, abs=3)
     assert not list(tmp_path.glob(".*partial"))

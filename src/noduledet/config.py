@@ -158,7 +158,8 @@ POSITIVE = ("train.lr", "stage2.spacing_mm", "stage2.lr")
 FRACTIONS = ("data.min_section", "data.augment.hu_gain", "stage2.scale")  # from 0 to below 1
 
 
-def _value(cfg, key: str):
+def _lookup(cfg, key: str):
+    """The value of ``section.key`` (``section.group.key``) in ``cfg``."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -179,9 +180,9 @@ def check_eval(e: EvalConfig, source: str) -> None:
         raise UserError(f"{source}: eval.iou_threshold={e.iou_threshold:g}; it must be more than 0 and at most 1")
     if e.link_mm <= 0:
         raise UserError(f"{source}: eval.link_mm={e.link_mm:g}; it must be more than 0 (--link-mm)")
-    if e.slice_step_mm < 0 or e.bootstrap < 0:
-        name = "slice_step_mm" if e.slice_step_mm < 0 else "bootstrap"
-        raise UserError(f"{source}: eval.{name}={getattr(e, name):g}; it must be 0 or more")
+    for name in ("slice_step_mm", "bootstrap"):
+        if getattr(e, name) < 0:
+            raise UserError(f"{source}: eval.{name}={getattr(e, name):g}; it must be 0 or more")
     if e.slice_step_mm > e.link_mm:
         raise UserError(f"{source}: eval.slice_step_mm={e.slice_step_mm:g} exceeds eval.link_mm={e.link_mm:g}: "
                         f"detections on the slices looked at could no longer join")
@@ -196,8 +197,8 @@ def _check_ranges(cfg: Config, source: str) -> None:
              (FRACTIONS, lambda v: 0 <= v < 1, "it must be from 0 to below 1")]
     for keys, ok, rule in rules:
         for key in keys:
-            if not ok(_value(cfg, key)):
-                raise UserError(f"{source}: {key}={_value(cfg, key)!r}; {rule}")
+            if not ok(_lookup(cfg, key)):
+                raise UserError(f"{source}: {key}={_lookup(cfg, key)!r}; {rule}")
     d = cfg.data
     if not (len(d.window_hu) == 2 and all(isinstance(v, (int, float)) for v in d.window_hu)
             and d.window_hu[0] < d.window_hu[1]):
@@ -210,8 +211,8 @@ def _check_ranges(cfg: Config, source: str) -> None:
         raise UserError(f"{source}: data.test_fraction={d.test_fraction:g} and data.val_fraction={d.val_fraction:g}; "
                         f"each from 0 and together below 1 (the rest trains)")
     for key in ("data.test_subsets", "data.val_subsets"):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in _value(cfg, key)):
-            raise UserError(f"{source}: {key}={_value(cfg, key)}; expected LUNA16 subset numbers, e.g. [9]")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in _lookup(cfg, key)):
+            raise UserError(f"{source}: {key}={_lookup(cfg, key)}; expected LUNA16 subset numbers, e.g. [9]")
     if not all(isinstance(v, (int, float)) and 0 < v < 1 for v in cfg.train.milestones):
         raise UserError(f"{source}: train.milestones={cfg.train.milestones}; expected fractions of training, "
                         f"each between 0 and 1")

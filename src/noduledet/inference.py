@@ -109,7 +109,8 @@ class Detector:
             t0 = time.perf_counter()
             images = [self.sample(hu, geometry, z, rows, cols).to(self.device) for z in batch]
             t1 = time.perf_counter()
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None):
                 results = self.model(images)
             self.timings["prepare_s"] += t1 - t0
             self.timings["model_s"] += time.perf_counter() - t1

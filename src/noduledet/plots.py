@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
-LUNG_WINDOW = (-1350.0, 150.0)  # HU black to white: W1500/L-600, how radiologists read lung nodules (every picture, the viewer)
+# HU black to white: W1500/L-600, how radiologists read lung nodules (every picture, the viewer)
+LUNG_WINDOW = (-1350.0, 150.0)
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> None:

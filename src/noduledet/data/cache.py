@@ -199,7 +199,8 @@ def cache_mismatch(cache_dir: str | Path, data_cfg: DataConfig, data: Luna16 | N
     ``data_cfg``'s region settings, in words (nothing: it serves); without ``data``, its version
     and region settings alone are compared."""
     old = json.loads((Path(cache_dir) / "manifest.json").read_text())
-    out = [] if old.get("version") == CACHE_VERSION else [f"cache version {old.get('version')} (this noduledet: {CACHE_VERSION})"]
+    out = [] if old.get("version") == CACHE_VERSION else [
+        f"cache version {old.get('version')} (this noduledet: {CACHE_VERSION})"]
     settings = old.get("settings", {})
     out += [f"data.{k}={settings.get(k)!r} (the config: {v!r})" for k, v in data_cfg.region_settings().items()
             if settings.get(k) != v]
