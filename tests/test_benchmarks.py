@@ -87,6 +87,7 @@ def test_table3_gpu_training_loop_runs_on_cpu():
     assert loss_curve([4.0, 2.0, 1.0, 1.0], points=2) == [(2, 3.0), (4, 1.0)]
 
 
+@pytest.mark.slow  # a 512x512 scan of the other generator: `python -m pytest -m slow`
 def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
     """The independent generator's LUNA16 files agree with its voxels: every annotated centre,
     taken through the scan's own geometry, lies on dense tissue inside the body, and the lung
@@ -119,6 +120,7 @@ def test_candidate_pool_counts_by_hand():
     assert {(r["nodules"], r["small"]) for r in table} == {(4, 2)}
 
 
+@pytest.mark.slow  # a benchmark over a trained run's scans: `python -m pytest -m slow`
 def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsys):
     from candidate_pool import main
 
@@ -154,6 +156,7 @@ def test_operating_points_by_hand():
     assert (capped["max_findings"], capped["fp_per_scan"], capped["sensitivity"]) == (1, 0.0, 0.5)  # the 0.85 nodule only
 
 
+@pytest.mark.slow  # a benchmark over a trained run's scans: `python -m pytest -m slow`
 def test_operating_points_on_a_trained_run(trained, phantom_cache, capsys):
     from operating_points import main
 
@@ -191,6 +194,7 @@ def test_training_benchmark_compares_the_same_work_before_and_after():
     assert bench_maxima((6, 7, 8))["max_diff"] == 0 and bench_pool(2)["max_diff"] == 0
 
 
+@pytest.mark.slow  # two child processes training: `python -m pytest -m slow`
 def test_malloc_benchmark_runs_glibc_defaults_beside_the_clis_thresholds(monkeypatch):
     from bench_malloc import bench
 
@@ -226,6 +230,7 @@ def test_robustness_changes_by_hand():
     assert (noisy == changed(flat, "noise", 3).hu).all() and not (noisy == changed(flat, "noise", 4).hu).all()
 
 
+@pytest.mark.slow  # a benchmark over a trained run's scans: `python -m pytest -m slow`
 def test_robustness_on_a_trained_run(trained, phantom_root, tmp_path, capsys):
     from robustness import main
 

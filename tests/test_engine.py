@@ -43,16 +43,17 @@ def test_force_starts_the_run_afresh(trained, phantom_root, phantom_cache, tmp_p
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "tb" / "events.out.tfevents.stale").write_text("old curves")
-    engine.train(_cfg(phantom_root, phantom_cache, run, "train.epochs=1"), force=True, log=None)
+    engine.train(_cfg(phantom_root, phantom_cache, run, "train.epochs=1", "stage2.enabled=false"), force=True, log=None)
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + the new run's one epoch
     assert not (run / "tb" / "events.out.tfevents.stale").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resume_continues_bit_for_bit(phantom_root, phantom_cache, tmp_path, monkeypatch):
-    straight = _cfg(phantom_root, phantom_cache, tmp_path / "a")
+    """Stage one's epochs (stage two after them resumes from the run's files: test_kill, slow)."""
+    straight = _cfg(phantom_root, phantom_cache, tmp_path / "a", "stage2.enabled=false")
     engine.train(straight, log=None)
-    interrupted = _cfg(phantom_root, phantom_cache, tmp_path / "b")
+    interrupted = _cfg(phantom_root, phantom_cache, tmp_path / "b", "stage2.enabled=false")
     real = RunFolder.write_metrics
 
     def stop_after_first_epoch(self, history):
@@ -149,6 +150,7 @@ def test_froc_cli_by_hand(tmp_path, capsys):
     assert "missing column(s) ['coordX', 'coordY', 'coordZ', 'probability']" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two processes: `python -m pytest -m slow`
 def test_distributed_training_with_two_cpu_processes(phantom_root, phantom_cache, tmp_path, trained):
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(f"data: {{root: {phantom_root}, cache: {phantom_cache}, patch: 64, val_fraction: 0.25}}\n"

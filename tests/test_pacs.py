@@ -94,6 +94,7 @@ def uploaded(pacs, tmp_path_factory):
     return folder, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
+@pytest.mark.slow  # a real Orthanc: `python -m pytest -m slow`
 def test_series_goes_through_the_pacs_and_its_report_comes_back(pacs, uploaded, tmp_path):
     folder, study, series = uploaded
     fetched = fetch_series(pacs, study, tmp_path / "fetched")
@@ -126,6 +127,7 @@ def test_unreachable_server_is_one_line(tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 
 
+@pytest.mark.slow  # a real Orthanc: `python -m pytest -m slow`
 def test_unknown_study_and_series_are_named(pacs, uploaded, tmp_path):
     _, study, _ = uploaded
     _one_line_error(lambda: fetch_series(pacs, "1.2.3.4.5", tmp_path / "x"), r"study 1\.2\.3\.4\.5 not found")
@@ -133,6 +135,7 @@ def test_unknown_study_and_series_are_named(pacs, uploaded, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no folder, no partial download
 
 
+@pytest.mark.slow  # a real Orthanc: `python -m pytest -m slow`
 def test_refused_upload_reports_the_server_status_and_stores_nothing(pacs, tmp_path):
     paths = write_scanner_series(tmp_path / "ct")[:2]
     for path in paths:
@@ -143,6 +146,7 @@ def test_refused_upload_reports_the_server_status_and_stores_nothing(pacs, tmp_p
     _one_line_error(lambda: find_series(pacs, REFUSED_STUDY), "not found")
 
 
+@pytest.mark.slow  # a real Orthanc: `python -m pytest -m slow`
 def test_predict_reads_from_the_pacs_and_stores_its_report_there(pacs, phantom_root, random_checkpoint, tmp_path,
                                                                    capsys):
     """A phantom scan as a DICOM series goes into the PACS; noduledet predict --dicomweb fetches it,

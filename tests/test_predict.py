@@ -129,6 +129,7 @@ def _torchrun(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow  # two processes: `python -m pytest -m slow`
 def test_predict_and_evaluate_shard_scans_under_torchrun(phantom_root, trained, tmp_path):
     """Two processes share the scans out and gather one CSV: the same as one process."""
     ckpt = trained / "best.pt"

@@ -26,6 +26,7 @@ def test_markdown_page_stands_alone(tmp_path):
     assert "src=\"a.png\"" not in page
 
 
+@pytest.mark.slow  # the whole demo / compare: `python -m pytest -m slow`
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
     short = ["stage2.epochs=1", "stage2.samples_per_epoch=64"]  # the config's overrides; stage two's 16 epochs take minutes
@@ -48,6 +49,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow  # the whole demo / compare: `python -m pytest -m slow`
 def test_compare_two_rows_and_resume(phantom_root, phantom_cache, tmp_path, capsys):
     args = ["compare", "--table", "3", "--data", str(phantom_root), "--cache", str(phantom_cache), "--epochs", "1",
             "--variants", "res", "ccapm", "--seeds", "0", "1", "--size", "64", "-o", str(tmp_path / "c"),

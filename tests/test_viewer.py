@@ -104,6 +104,7 @@ def _redness(driver, index, x, y):
         return best;""", index, int(x), int(y))
 
 
+@pytest.mark.slow  # a real browser: `python -m pytest -m slow`
 def test_click_second_finding_then_step_down(browser, page):
     from selenium.webdriver.common.keys import Keys
 
