@@ -6,7 +6,8 @@ heart, great vessels, trachea, ribs as sloping bands with cartilage, vertebrae, 
 clavicles, table); vascular trees grow by Murray's law into free lung space, bronchi beside the arteries;
 nodules are solid, part-solid or ground glass, spheres, ellipsoids, lobulated or spiculated, isolated,
 juxtapleural or juxtavascular. A scanner model follows: separable smooth or edge-enhancing kernel,
-darkening near bone, anisotropic correlated noise, slice averaging, reconstruction circle.
+darkening near bone, anisotropic correlated noise, slice averaging, reconstruction circle. Beside the
+LUNA16 CSVs, annotations_kinds.csv gives each nodule's location and texture (noduledet.data.kinds).
 
     python benchmarks/foreign_phantom.py OUT --scans 20 --seed 0 [--workers 2] [--preview p.png]
     python benchmarks/foreign_phantom.py OUT --preview p.png          # preview an existing OUT
@@ -41,6 +42,8 @@ PADS = (-2048, -3024, -1024)                           # HU outside the reconstr
 BUCKETS = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
 ARTERY_DIRS = ((0.3, 0.1, 1.0), (0.2, 0.6, 0.9), (0.6, -0.6, 0.7), (0.8, 0.2, 0.6),     # root directions,
                (0.8, -0.6, -0.3), (0.7, 0.1, -0.8), (0.3, 0.8, -0.7), (0.5, -0.3, -0.9))  # x toward the side
+LOCATIONS = {"isolated": "free", "pleural": "pleural", "vascular": "vascular"}   # annotations_kinds.csv
+TEXTURES = ("solid", "part-solid", "ground-glass")                     # by the index of `kind`
 VEIN_DIRS = ((0.3, -0.4, 1.0), (0.6, 0.4, 0.8), (0.6, 0.3, -0.9), (1.0, -0.4, 0.0), (0.4, 0.8, -0.3))
 
 
@@ -594,7 +597,8 @@ def place(pt, rng, r, mode, taken, vessels, tubes, w):
 
 
 def draw_findings(hu, grid, pt, rng, vessels, tubes, nsub, w):
-    """Nodules (0-4, LUNA16-like sizes) and excluded findings: [(index xyz, diameter mm, excluded)]."""
+    """Nodules (0-4, LUNA16-like sizes) and excluded findings: [(index xyz, diameter mm, excluded,
+    location, texture)] (the last two empty for what is not a nodule)."""
     plan = [("nodule", float(np.clip(rng.lognormal(np.log(6.4), 0.62), 3.2, 30.0)))
             for _ in range(rng.choice(5, p=[0.15, 0.35, 0.25, 0.15, 0.10]))]
     plan += [("micro", rng.uniform(1.6, 2.9)) for _ in range(rng.choice(3, p=[0.5, 0.3, 0.2]))]
@@ -616,7 +620,8 @@ def draw_findings(hu, grid, pt, rng, vessels, tubes, nsub, w):
             parts = ("sphere", [(np.zeros(3), np.eye(3), np.full(3, d / 2))], [])
         centroid, volume = draw_nodule(hu, grid, pt, rng, c, parts, density, nsub, w)
         dv = float(np.cbrt(6.0 * volume / np.pi))                            # volume-equivalent diameter
-        found.append((centroid, -1.0 if what == "calcified" else dv, what != "nodule" or dv < 3.0))
+        kinds = (LOCATIONS[mode], TEXTURES[kind]) if what == "nodule" else ("", "")
+        found.append((centroid, -1.0 if what == "calcified" else dv, what != "nodule" or dv < 3.0, *kinds))
     return found
 
 
@@ -652,7 +657,8 @@ def scanner(hu, grid, pt, rng):
 
 
 def make_scan(seed: int, index: int) -> tuple[sitk.Image, list]:
-    """One scan from (seed, index): the image and rows (x, y, z world mm, diameter mm, excluded)."""
+    """One scan from (seed, index): the image and rows (x, y, z world mm, diameter mm, excluded,
+    location, texture)."""
     rng = np.random.default_rng([seed, index])
     grid, pt = draw_geometry(rng)
     w, nsub = grid.spacing[2], int(np.ceil(grid.spacing[0] / 1.26))
@@ -668,7 +674,7 @@ def make_scan(seed: int, index: int) -> tuple[sitk.Image, list]:
     img.SetSpacing(grid.spacing[::-1])
     img.SetOrigin(grid.origin_xyz)
     img.SetDirection((grid.flip, 0, 0, 0, grid.flip, 0, 0, 0, 1))
-    return img, [(*img.TransformContinuousIndexToPhysicalPoint(c), d, ex) for c, d, ex in found]
+    return img, [(*img.TransformContinuousIndexToPhysicalPoint(c), d, *rest) for c, d, *rest in found]
 
 
 def write_scan(job):
@@ -701,6 +707,11 @@ def write_dataset(out: Path, scans: int, seed: int, workers: int, subsets: int, 
             writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
             writer.writerows([uid, *(f"{v:.4f}" for v in r[:4])]
                              for uid, rows, _ in results for r in rows if r[4] == excluded)
+    with open(tmp / "annotations_kinds.csv", "w", newline="") as fh:       # noduledet.data.kinds
+        writer = csv.writer(fh)
+        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "location", "texture"])
+        writer.writerows([uid, *(f"{v:.4f}" for v in r[:4]), *r[5:7]]
+                         for uid, rows, _ in results for r in rows if not r[4])
     (tmp / "seriesuids.csv").write_text("".join(f"{uid}\n" for uid, _, _ in results))
     if out.exists():
         shutil.rmtree(out)

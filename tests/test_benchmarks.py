@@ -96,6 +96,7 @@ def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
     from foreign_phantom import main as foreign
 
     from noduledet.data.ct import read_ct
+    from noduledet.data.kinds import annotation_kinds
     from noduledet.data.luna16 import Luna16
 
     assert foreign([str(tmp_path / "f"), "--scans", "1", "--seed", "3"]) == 0
@@ -108,6 +109,8 @@ def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
         z, y, x = np.rint(volume.geometry.world_to_voxel(xyz)).astype(int)
         assert 3 <= d <= 40 and volume.hu[z, y, x] > -500, (xyz, d, volume.hu[z, y, x])
     assert np.median(volume.hu[volume.hu.shape[0] // 2]) < 0  # mostly air and lung, not solid
+    kinds = annotation_kinds(data)  # annotations_kinds.csv: every nodule's location and texture
+    assert len(kinds["location"]) == len(data.annotations())
 
 
 def test_candidate_pool_counts_by_hand():

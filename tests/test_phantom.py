@@ -5,6 +5,7 @@ import pytest
 
 from noduledet.cli import main
 from noduledet.data.ct import read_ct
+from noduledet.data.kinds import annotation_kinds
 from noduledet.data.luna16 import Luna16
 from noduledet.data.phantom import make_scan, shape_library
 
@@ -14,15 +15,16 @@ def test_layout_and_annotations_land_on_nodules(phantom_root):
     ann = data.annotations()
     assert len(ann) >= 4
     summary = json.loads((phantom_root / "phantom.json").read_text())
-    juxtapleural = [n["juxtapleural"] for s in summary["scans"] for n in s["nodules"]]
-    assert len(juxtapleural) == len(ann)
+    kinds = annotation_kinds(data)  # annotations_kinds.csv: a row for each annotation
+    recorded = [(n["location"], n["texture"]) for s in summary["scans"] for n in s["nodules"]]
+    assert recorded == list(zip(kinds["location"], kinds["texture"]))
     for i in range(len(ann)):
         vol = read_ct(data.scan_path(ann.uids[i]))
         z, y, x = np.round(vol.geometry.world_to_voxel(ann.xyz[i])).astype(int)
         core = vol.hu[z, y - 1:y + 2, x - 1:x + 2].mean()
         assert core > -750, (ann.uids[i], core)  # solid (~0 HU) or ground glass (-680..-380)
         assert 3 <= ann.value[i] <= 30
-        if not juxtapleural[i]:  # a diameter away on either side in x: lung (a vessel may cross one side)
+        if kinds["location"][i] != "pleural":  # a diameter away on either side in x: lung (a vessel may cross one side)
             r = int(np.ceil(ann.value[i] / vol.geometry.spacing[0]))
             sides = [vol.hu[z, y, x - r - 3:x - r], vol.hu[z, y, x + r:x + r + 3]]
             assert min(np.median(side) for side in sides) < -700, (ann.uids[i], sides)

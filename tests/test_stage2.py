@@ -12,7 +12,7 @@ from noduledet.data.patches import extract_patches, patch_offsets
 from noduledet.fpr import augment_cube, zoom_shift
 from noduledet.geometry import Geometry
 from noduledet.metrics.froc import (ScanOutcome, at_thresholds, calibrated_max_findings, calibrated_thresholds, max_findings,
-                                    sensitivity_by_size, thresholds_at)
+                                    sensitivity_by_group, size_groups, thresholds_at)
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D, _HalvingMaxPool
 from tests.conftest import flipped_xy
 
@@ -251,11 +251,13 @@ def test_calibrated_thresholds_expect_the_rate_on_new_scans():
 
 def test_sensitivity_by_size_by_hand():
     outcomes = [ScanOutcome(np.array([0.95, 0.6, -np.inf]), np.array([0.9, 0.1]))]
-    rows = sensitivity_by_size(outcomes, [np.array([4.0, 8.0, 20.0])], rates=(1.0, 4.0))
+    rows = sensitivity_by_group(outcomes, size_groups(np.array([4.0, 8.0, 20.0])), rates=(1.0, 4.0),
+                                pooled=np.array([True, True, True]))
     # 1 FP/scan: threshold just above 0.1 -> 0.95 and 0.6 pass; 4 FP/scan: everything
-    assert [r["bin"] for r in rows] == ["3-6 mm", "6-10 mm", ">= 10 mm"]
+    assert [r["group"] for r in rows] == ["3-6 mm", "6-10 mm", ">= 10 mm"]
     assert [r["sensitivity"] for r in rows] == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
     assert [r["nodules"] for r in rows] == [1, 1, 1]
+    assert [r["in_pool"] for r in rows] == [1, 1, 1]  # the third was in the pool, then cut
 
 
 def test_pipeline_rescores_with_the_second_stage():

@@ -5,7 +5,8 @@ prepared cache only serves each scan's region, made with the run's margins). The
 
 - slice level (the paper's metrics) on the slices that cut a nodule (the paper's test set holds
   "images of lung nodules" only) and on every lung slice (what a reader meets);
-- scan level: the candidates scored with the LUNA16 FROC/CPM.
+- scan level: the candidates scored with the LUNA16 FROC/CPM, with the sensitivity by nodule
+  size and, where the data record them (``annotations_kinds.csv``), by location and texture.
 
 Outputs (written to a temporary folder, renamed when complete): ``metrics.json``,
 ``metrics.md``, ``candidates.csv`` (LUNA16 format), ``froc.png``, ``pr.png`` and
@@ -22,6 +23,7 @@ import numpy as np
 
 from noduledet import plots
 from noduledet.data.cache import SliceCache, cache_mismatch, cache_ready, prepare
+from noduledet.data.kinds import annotation_kinds
 from noduledet.data.luna16 import Luna16, write_findings
 from noduledet.data.slices import slice_targets
 from noduledet.distributed import barrier, gather, rank_and_world, resolve_device
@@ -184,7 +186,7 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
     on_lungs = slice_metrics(preds, targets, e.score_threshold, e.iou_threshold)
     table = candidates_table({u: results[u].candidates for u in uids})
     annotations, excluded = luna.annotations(), luna.excluded()
-    result = froc(annotations, excluded, table, uids, e.max_candidates, e.bootstrap)
+    result = froc(annotations, excluded, table, uids, e.max_candidates, e.bootstrap, kinds=annotation_kinds(luna))
     stages = {}
     if pipeline.classifier is not None:  # stage one alone, beside both stages
         alone = froc(annotations, excluded, candidates_table({u: results[u].stage1 for u in uids}), uids,

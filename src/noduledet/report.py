@@ -29,18 +29,20 @@ def slice_table(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def size_table(froc: dict) -> list[str]:
-    """Markdown lines of the sensitivity by nodule size (``FrocResult.to_dict()["by_size"]``)."""
+def group_table(rows: list[dict], what: str) -> list[str]:
+    """Markdown lines of the sensitivity by group (``FrocResult.to_dict()["by_size"]`` or
+    ``["by_kind"]``), with the nodules stage two's pool held when known; ``what`` heads the first column."""
     from noduledet.metrics.froc import fp_label
 
-    rows = froc["by_size"]
     if not rows:
         return []
-    rates = rows[0]["fp_rates"]
-    lines = ["| nodule size | nodules | " + " | ".join(f"sensitivity at {fp_label(r)} FP/scan" for r in rates) + " |",
-             "|---|---:|" + "---:|" * len(rates)]
+    rates, pool = rows[0]["fp_rates"], "in_pool" in rows[0]
+    lines = [f"| {what} | nodules | " + ("in the pool | " if pool else "")
+             + " | ".join(f"sensitivity at {fp_label(r)} FP/scan" for r in rates) + " |",
+             "|---|---:|" + ("---:|" if pool else "") + "---:|" * len(rates)]
     for r in rows:
-        lines.append(f"| {r['bin']} | {r['nodules']} | " + " | ".join(number(v) for v in r["sensitivity"]) + " |")
+        lines.append(f"| {r['group']} | {r['nodules']} | " + (f"{r['in_pool']} | " if pool else "")
+                     + " | ".join(number(v) for v in r["sensitivity"]) + " |")
     return lines
 
 
@@ -69,7 +71,10 @@ def scan_level_lines(report: dict) -> list[str]:
     if "froc_stage1" in report:
         lines += [f"Stage one alone: CPM {number(report['froc_stage1']['cpm'])}; with the 3D false-positive "
                   f"reduction (below): CPM {number(f['cpm'])}.", ""]
-    lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *size_table(f)]
+    lines += [*froc_table(f), "", "Sensitivity by nodule size:", "", *group_table(f["by_size"], "nodule size")]
+    if f.get("by_kind"):
+        lines += ["", "Sensitivity by nodule location and texture (annotations_kinds.csv):", "",
+                  *group_table(f["by_kind"], "nodule kind")]
     if report.get("operating_points"):
         lines += ["", "Operating points (a threshold and the findings per scan at most, calibrated on the validation "
                   "scans, applied here):", "",

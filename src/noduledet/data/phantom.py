@@ -16,7 +16,9 @@ detector trained here meets more than one scanner.
 
 Annotations are exact, with LUNA16's definitions: centre = centroid of the nodule as drawn,
 ``diameter_mm`` = volume-equivalent sphere diameter. Nodules under 3 mm and non-nodule findings
-go to ``annotations_excluded.csv`` (diameter -1 for the latter), as in LUNA16.
+go to ``annotations_excluded.csv`` (diameter -1 for the latter), as in LUNA16. Each nodule's
+location (free, pleural, vascular: about 60/20/20%) and texture (solid, part-solid, ground glass:
+70/15/15%) go to ``annotations_kinds.csv`` (``noduledet.data.kinds``).
 
 These scans are phantoms: numbers measured on them say that the software works, not how it
 would perform on patients.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from noduledet.data.ct import CTVolume, write_ct
+from noduledet.data.kinds import KINDS_CSV, write_kinds
 from noduledet.data.luna16 import Findings, write_findings
 from noduledet.errors import UserError
 from noduledet.geometry import Geometry
@@ -82,8 +85,8 @@ def shape_library(count: int = 40, min_diameter_mm: float = 8.0) -> tuple[Shape,
 class PhantomNodule:
     center_xyz: np.ndarray  # world mm, centroid of the drawn nodule
     diameter_mm: float  # volume-equivalent
-    kind: str
-    juxtapleural: bool
+    kind: str  # texture: solid, part-solid or ground-glass
+    location: str  # free, pleural or vascular (noduledet.data.kinds)
 
 
 @dataclass
@@ -522,8 +525,10 @@ def _draw_nodules(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatom
         where = rng.choice(["juxtapleural", "juxtavascular", "free"], p=[0.2, 0.2, 0.6]) if what == "nodule" else "free"
         centre = _juxtavascular_centre(anatomy, rng, diameter / 2, vessels, taken, *z_range) \
             if where == "juxtavascular" else None
-        if centre is None:
+        location = "vascular"
+        if centre is None:  # no vessel to touch: placed free instead
             centre = _place(anatomy, rng, diameter / 2, where == "juxtapleural", taken, *z_range)
+            location = "pleural" if where == "juxtapleural" else "free"
         if centre is None:
             continue
         kind = str(rng.choice(KINDS, p=[0.7, 0.15, 0.15])) if what == "nodule" else "solid"
@@ -536,7 +541,7 @@ def _draw_nodules(hu: np.ndarray, lung: np.ndarray, g: Geometry, anatomy: Anatom
         d = float((6 * placed[1] * np.prod(spacing_zyx) / np.pi) ** (1 / 3))
         taken.append((centroid, diameter / 2))
         if what == "nodule" and d >= 3.0:
-            out_nodules.append(PhantomNodule(centroid, d, kind, where == "juxtapleural"))
+            out_nodules.append(PhantomNodule(centroid, d, kind, location))
         else:
             excluded.append((centroid, d))
     return out_nodules, excluded, taken
@@ -658,10 +663,13 @@ def write_dataset(out: Path, scans: int, seed: int = 0, size: int = 512, workers
             results = [_write_scan(j) for j in track(progress, jobs, total=scans)]
         annotations = [(r["uid"], n) for r in results for n in r["nodules"]]
         excluded = [(r["uid"], e) for r in results for e in r["excluded"]]
-        for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded)):
-            write_findings(tmp / name, Findings(np.array([u for u, _ in rows], dtype=str),
-                                                np.array([r["xyz"] for _, r in rows]).reshape(-1, 3),
-                                                np.array([r["diameter_mm"] for _, r in rows])))
+        tables = {name: Findings(np.array([u for u, _ in rows], dtype=str), np.array([r["xyz"] for _, r in rows]).reshape(-1, 3),
+                                 np.array([r["diameter_mm"] for _, r in rows]))
+                  for name, rows in (("annotations.csv", annotations), ("annotations_excluded.csv", excluded))}
+        for name, table in tables.items():
+            write_findings(tmp / name, table)
+        kinds = {k: np.array([n[k] for _, n in annotations], dtype=str) for k in ("location", "texture")}
+        write_kinds(tmp / KINDS_CSV, replace(tables["annotations.csv"], extra=kinds))
         (tmp / "seriesuids.csv").write_text("".join(r["uid"] + "\n" for r in results))
         summary = {"phantom_version": PHANTOM_VERSION, "seed": seed, "size": size, "scans": results,
                    "nodules_per_scan": list(nodules), "diameters_mm": list(diameters),
@@ -680,8 +688,8 @@ def _write_scan(job) -> dict:
     return {
         "uid": scan.uid, "subset": subset, "shape_zyx": list(g.shape), "spacing_xyz": list(g.spacing),
         "flipped": g.direction[0] < 0,
-        "nodules": [{"xyz": n.center_xyz.tolist(), "diameter_mm": n.diameter_mm, "kind": n.kind,
-                     "juxtapleural": n.juxtapleural} for n in scan.nodules],
+        "nodules": [{"xyz": n.center_xyz.tolist(), "diameter_mm": n.diameter_mm, "texture": n.kind,
+                     "location": n.location} for n in scan.nodules],
         "excluded": [{"xyz": c.tolist(), "diameter_mm": d} for c, d in scan.excluded],
     }
 

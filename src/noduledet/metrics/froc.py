@@ -14,8 +14,8 @@
 Beside the curve: the probability thresholds that give a chosen number of false positives per
 scan, on the scans measured (``thresholds_at``) and expected on new scans from validation scans
 (``calibrated_thresholds``: the operating points a reader is given), and the sensitivity for
-nodules of each size at such thresholds (``sensitivity_by_size``: small nodules are where a 2D
-detector fails).
+nodules of each size, location and texture at such thresholds (``sensitivity_by_group``: small
+nodules, those on the pleura or a vessel and ground glass are where detectors fail).
 """
 
 from __future__ import annotations
@@ -66,15 +66,17 @@ class FrocResult:
     ci_low: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
     ci_high: np.ndarray = field(default_factory=lambda: np.full(len(FP_RATES), np.nan))
     cpm_ci: tuple[float, float] = (float("nan"), float("nan"))
-    by_size: list[dict] = field(default_factory=list)  # sensitivity_by_size's rows
+    by_size: list[dict] = field(default_factory=list)  # sensitivity_by_group's rows, by size ...
+    by_kind: list[dict] = field(default_factory=list)  # ... and by location and texture (where recorded)
+    in_pool: int | None = None  # nodules hit by a candidate of stage two's pool, when it was given
     outcomes: list[ScanOutcome] = field(default_factory=list, repr=False)  # per scan, for operating points
 
     def to_dict(self) -> dict:
         return {
             "cpm": self.cpm, "cpm_ci95": list(self.cpm_ci), "fp_rates": list(FP_RATES), "by_size": self.by_size,
-            "sensitivities": self.sensitivities.tolist(), "ci95_low": self.ci_low.tolist(),
+            "by_kind": self.by_kind, "sensitivities": self.sensitivities.tolist(), "ci95_low": self.ci_low.tolist(),
             "ci95_high": self.ci_high.tolist(), "nodules": self.nodules, "scans": self.scans,
-            "detected": self.detected, "false_positives": self.false_positives,
+            "detected": self.detected, "in_pool": self.in_pool, "false_positives": self.false_positives,
         }
 
 
@@ -205,45 +207,73 @@ def at_thresholds(outcomes: list[ScanOutcome], thresholds) -> list[dict]:
              "sensitivity": float((probs >= t).mean()) if len(probs) else float("nan")} for t in thresholds]
 
 
-def sensitivity_by_size(outcomes: list[ScanOutcome], diameters: list[np.ndarray], rates=SIZE_RATES,
-                        bins=SIZE_BINS) -> list[dict]:
-    """Sensitivity of the nodules in each size bin at the thresholds giving ``rates`` false
-    positives per scan over all the scans (``thresholds_at``).
+def sensitivity_by_group(outcomes: list[ScanOutcome], groups: dict[str, np.ndarray], rates=SIZE_RATES,
+                         pooled: np.ndarray | None = None) -> list[dict]:
+    """Sensitivity of the nodules of each group at the thresholds giving ``rates`` false positives
+    per scan over all the scans (``thresholds_at``), and how many of them the candidate pool held.
 
     Args:
-        diameters: per scan, its nodules' diameters in the order of ``outcomes[i].nodule_probs``.
+        groups: label -> (N,) bool over all the nodules, in the order of the outcomes' ``nodule_probs``.
+        pooled: (N,) bool, the nodules a candidate of the pool hits (stage two's pool, before the
+            cut to the candidates kept), or None.
 
     Returns:
-        One row per bin: {"bin": label, "nodules": n, "sensitivity": [one per rate], "fp_rates": rates}.
+        One row per group: {"group": label, "nodules": n, "sensitivity": [one per rate],
+        "fp_rates": rates, and with ``pooled`` "in_pool": how many of them the pool held}.
     """
     probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
-    sizes = np.concatenate(diameters) if diameters else np.zeros(0)
     thresholds = thresholds_at(outcomes, rates)
     rows = []
-    for lo, hi in bins:
-        inside = (sizes >= lo) & (sizes < hi)
+    for label, inside in groups.items():
         sens = [float((probs[inside] >= t).mean()) if inside.any() else float("nan") for t in thresholds]
-        rows.append({"bin": size_label(lo, hi), "nodules": int(inside.sum()), "sensitivity": sens,
-                     "fp_rates": list(rates)})
+        row = {"group": label, "nodules": int(inside.sum()), "sensitivity": sens, "fp_rates": list(rates)}
+        if pooled is not None:
+            row["in_pool"] = int(pooled[inside].sum())
+        rows.append(row)
     return rows
 
 
+def size_groups(diameters: np.ndarray, bins=SIZE_BINS) -> dict[str, np.ndarray]:
+    """Each size bin's label -> which of the nodules (``diameters``, mm) fall in it."""
+    return {size_label(lo, hi): (diameters >= lo) & (diameters < hi) for lo, hi in bins}
+
+
+def kind_groups(kinds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each location and texture (``noduledet.data.kinds``) -> which of the nodules are of it."""
+    from noduledet.data.kinds import LOCATIONS, TEXTURES
+
+    return {value: kinds[column] == value for column, values in (("location", LOCATIONS), ("texture", TEXTURES))
+            for value in values}
+
+
 def froc(annotations: Findings, excluded: Findings, candidates: Findings, scans: list[str],
-         max_per_scan: int = 100, bootstrap: int = 1000, seed: int = 0) -> FrocResult:
+         max_per_scan: int = 100, bootstrap: int = 1000, seed: int = 0, pool: Findings | None = None,
+         kinds: dict[str, np.ndarray] | None = None) -> FrocResult:
     """LUNA16 FROC over ``scans`` (nodules and candidates of other scans are ignored).
 
     Args:
         bootstrap: resamples of the scans for the 95% intervals (0: none).
+        pool: every candidate stage two scored (``ScanResult.pool``): how many nodules of each size
+            and kind it held goes beside their sensitivity.
+        kinds: each annotation's location and texture (``noduledet.data.kinds.kinds_of``, in the
+            order of ``annotations``): the sensitivity by kind, beside the one by size.
     """
     outcomes = [scan_outcome(annotations.for_scan(u), excluded.for_scan(u), candidates.for_scan(u), max_per_scan)
                 for u in scans]
     fps, sens = froc_curve(outcomes)
     at = sensitivities_at(fps, sens)
     nodule_probs = np.concatenate([o.nodule_probs for o in outcomes]) if outcomes else np.zeros(0)
+    order = np.concatenate([np.nonzero(annotations.uids == u)[0] for u in scans]).astype(int) if scans else np.zeros(0, int)
+    pooled = None
+    if pool is not None:
+        pooled = np.concatenate([hits(pool.for_scan(u).xyz, annotations.for_scan(u)).any(axis=0) for u in scans]
+                                ) if scans else np.zeros(0, bool)
     result = FrocResult(at, float(at.mean()), fps, sens, len(nodule_probs), len(scans),
                         int(np.isfinite(nodule_probs).sum()), int(sum(len(o.fp_probs) for o in outcomes)),
-                        by_size=sensitivity_by_size(outcomes, [annotations.for_scan(u).value for u in scans]),
-                        outcomes=outcomes)
+                        by_size=sensitivity_by_group(outcomes, size_groups(annotations.value[order]), pooled=pooled),
+                        by_kind=sensitivity_by_group(outcomes, kind_groups({k: v[order] for k, v in kinds.items()}),
+                                                     pooled=pooled) if kinds is not None else [],
+                        in_pool=int(pooled.sum()) if pooled is not None else None, outcomes=outcomes)
     if bootstrap and outcomes:
         rng = np.random.default_rng(seed)
         samples = np.array([sensitivities_at(*froc_curve([outcomes[i] for i in rng.integers(len(outcomes), size=len(outcomes))]))
