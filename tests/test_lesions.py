@@ -40,20 +40,58 @@ def test_a_part_solid_nodule_has_a_solid_core_in_ground_glass():
 def test_pasting_blends_a_nodule_into_lung_and_never_darkens():
     rng = np.random.default_rng(3)
     lung = np.full((24, 24, 24), -850, dtype=np.int16)
-    out = paste_nodule(lung, 1.25, rng, offset=2.0)
+    out, shows = paste_nodule(lung, 1.25, rng, offset=2.0, where="free")
     assert out.dtype == np.float32 and out.shape == lung.shape
     assert (out >= lung).all()
     brighter = out > -700
     assert 3 <= brighter.sum() < out.size / 4
     centre = np.argwhere(brighter).mean(axis=0)
     assert np.abs(centre - 11.5).max() <= 3.5  # within the offset (and a lobulation) of the middle
+    assert np.abs(shows[:3] - centre).max() < 1.0 and shows[3] > 2.0  # where it shows, and its size
     wall = np.full((24, 24, 24), 200, dtype=np.int16)  # brighter than any nodule: left as it was
-    np.testing.assert_array_equal(paste_nodule(wall, 1.25, rng, 2.0), wall)
+    out, shows = paste_nodule(wall, 1.25, rng, 2.0)
+    np.testing.assert_array_equal(out, wall)
+    assert shows is None
 
 
 def test_pasting_near_the_border_stays_inside_the_cube():
-    out = paste_nodule(np.full((10, 10, 10), -850, dtype=np.int16), 2.5, np.random.default_rng(4), offset=4.0)
+    out, _ = paste_nodule(np.full((10, 10, 10), -850, dtype=np.int16), 2.5, np.random.default_rng(4), offset=4.0)
     assert out.shape == (10, 10, 10) and out.max() > -700
+
+
+def _wall_and_vessel():
+    """Lung (-850 HU) with the chest wall (40 HU) filling x >= 50 and a 1.5 mm vessel along z at
+    (y, x) = (10, 10), on a 1 mm grid: room for a free nodule of 20 mm."""
+    cube = np.full((60, 60, 60), -850, dtype=np.int16)
+    cube[:, :, 50:] = 40
+    y, x = np.indices((60, 60))
+    cube[:, (y - 10) ** 2 + (x - 10) ** 2 <= 1.5 ** 2] = 40
+    return cube
+
+
+@pytest.mark.parametrize("where", ["pleural", "vascular", "free"])
+def test_a_nodule_is_placed_where_it_is_asked(where):
+    cube = _wall_and_vessel()
+    y, x = np.indices((60, 60))
+    by_wall = np.broadcast_to(x >= 49, cube.shape)  # the voxel of lung before the wall
+    by_vessel = np.broadcast_to(((y - 10) ** 2 + (x - 10) ** 2 <= 3.5 ** 2) & ((y - 10) ** 2 + (x - 10) ** 2 > 1.5 ** 2),
+                                cube.shape)
+    for seed in range(5):
+        out, shows = paste_nodule(cube, 1.0, np.random.default_rng(seed), offset=None, where=where)
+        nodule_voxels = (out > cube + 100) & (cube < -500)  # ground glass too
+        assert shows is not None and cube[tuple(np.rint(shows[:3]).astype(int))] < -500  # centred in the lung
+        touches = {"pleural": (nodule_voxels & by_wall).any(), "vascular": (nodule_voxels & by_vessel).any()}
+        if where == "free":
+            assert not any(touches.values())
+        else:
+            assert touches[where]
+        assert out[:, :, 50:].min() >= 40  # the wall is never darkened
+
+
+def test_a_vascular_nodule_without_a_vessel_gets_one():
+    lung = np.full((30, 30, 30), -850, dtype=np.int16)
+    out, shows = paste_nodule(lung, 1.0, np.random.default_rng(7), offset=3.0, where="vascular")
+    assert shows is not None and (out > -300).sum() > 3 * (np.pi / 6 * shows[3] ** 3)  # a tube beside the nodule
 
 
 def test_only_cubes_whose_centre_is_mostly_lung_take_a_nodule():
@@ -75,7 +113,7 @@ def test_the_classifier_learns_nodules_from_vessels_on_pasted_ones_alone():
     cubes = (-850 + rng.normal(0, 20, (40, 14, 14, 14))).astype(np.int16)
     model = fit(cubes, np.array([1, 1] + [0] * 38), cfg, torch.device("cpu"))
     plain = cubes[2:22, 1:13, 1:13, 1:13]
-    pasted = np.stack([paste(c, 2.5, rng) for paste in (paste_nodule, paste_vessel) for c in plain])
+    pasted = np.stack([paste_nodule(c, 2.5, rng)[0] for c in plain] + [paste_vessel(c, 2.5, rng) for c in plain])
     with torch.no_grad():
         p = torch.sigmoid(model(model.window(torch.from_numpy(pasted)))).numpy()
     assert p[:20].mean() > p[20:].mean() + 0.4

@@ -15,8 +15,9 @@
    on all three axes, quarter turns in the axial plane, shifts, zooms of up to 15% (nodule sizes
    the training scans lack), HU gain and offset, and noise; a fraction of the cubes
    (``stage2.synthetic``) get a synthetic nodule (then a nodule cube) or vessel (a false positive)
-   pasted in (``noduledet.data.lesions``): nodules and vessels of every size and kind, not only
-   the few dozen that the training scans hold;
+   pasted in (``noduledet.data.lesions``): nodules and vessels of every size and kind, nodules on
+   the chest wall and against vessels as often as free ones, not only the few dozen that the
+   training scans hold;
 4. both stages run over the validation scans; the thresholds expected to give 1/2, 1, 2 and 4
    false positives per new scan, read off them (``calibrated_thresholds``), are the operating points.
 
@@ -158,7 +159,7 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     steps = s.epochs * math.ceil(s.samples_per_epoch / s.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, s.lr, total_steps=steps, pct_start=0.1)
     pos, neg = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
-    hosts = neg[pasteable(cubes, 10.0, s.spacing_mm)[neg]] if s.synthetic else neg[:0]  # no copy of the cubes
+    hosts = neg[pasteable(cubes, 10.0, s.spacing_mm, HOST_LUNG)[neg]] if s.synthetic else neg[:0]  # no copy of the cubes
     shift = s.shift_mm / s.spacing_mm
     half = s.samples_per_epoch // 2
     for epoch in range(s.epochs):
@@ -190,7 +191,8 @@ def fit(cubes: np.ndarray, labels: np.ndarray, cfg: Config, device: torch.device
     return model.eval()
 
 
-PASTE = {1: paste_nodule, 0: paste_vessel}
+PASTE = {1: lambda *args: paste_nodule(*args)[0], 0: paste_vessel}
+HOST_LUNG = 0.25  # a false positive's cube takes a synthetic nodule when a quarter of its central 10 mm is lung (the chest wall's too)
 
 
 def stage_outcomes(pipeline: Pipeline, cache: SliceCache, uids: list[str], progress=None) -> tuple[list, list, list]:

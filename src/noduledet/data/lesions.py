@@ -4,11 +4,13 @@ A training set of a few dozen scans holds a few dozen nodules: the 3D classifier
 hundreds of times and learns those nodules rather than what makes a nodule. ``paste_nodule`` draws
 a new one for every use — an ellipsoid of 3-20 mm at a random orientation with a lobulated outline,
 solid, part-solid or ground glass, with a partial-volume edge and the blur of a thick slice — and
-blends it into the cube of one of stage one's false positives near the centre: plain parenchyma, a
-vessel or a fissure becomes a nodule beside it. The nodules are deliberately generic (no outline
-from a phantom or from LIDC) so that what the classifier learns from them carries over to other
-data. ``pasteable`` keeps the cubes whose centre is mostly lung: a solid nodule drawn into the chest
-wall would be invisible and teach the classifier that soft tissue is a nodule.
+blends it into the cube of one of stage one's false positives near the centre, placed where
+nodules are hard to find as often as free: on the chest wall, against a vessel, or free in the
+lung (``place``). The nodules are deliberately generic (no outline from a phantom or from LIDC)
+so that what the classifier learns from them carries over to other data. ``pasteable`` keeps the
+cubes with enough lung near the centre: a nodule is centred on lung, never drawn into the chest
+wall, where it would be invisible and teach the classifier that soft tissue is a nodule. The 3D
+proposer's training patches take the same nodules (``noduledet.proposer``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from noduledet.data.kinds import LOCATIONS
+
 DIAMETERS_MM = (3.0, 20.0)  # log-uniform between: as many 3-6 mm nodules as 6-12 mm ones
 KINDS = {"solid": 0.7, "part-solid": 0.15, "ground-glass": 0.15}
 VESSEL_RADII_MM = (1.0, 6.0)  # log-uniform: from the thinnest a candidate sits on to the hilar trunks
-LUNG_HU = -500.0  # a cube is pasteable when at least half its centre is below this
+LUNG_HU = -500.0  # lung: a cube is pasteable when enough of its centre is below this; nodules are centred on it
+DENSE_HU = -300.0  # the chest wall and vessels beside the lung
+BROAD = 0.35  # dense over this fraction of the neighbourhood: a wall, not a vessel
 
 
-def pasteable(cubes: np.ndarray, centre_mm: float, spacing_mm: float) -> np.ndarray:
-    """(N,) bool: the cubes (N, S, S, S) of HU whose central ``centre_mm`` cube is at least half lung."""
+def pasteable(cubes: np.ndarray, centre_mm: float, spacing_mm: float, fraction: float = 0.5) -> np.ndarray:
+    """(N,) bool: the cubes (N, S, S, S) of HU whose central ``centre_mm`` cube is at least ``fraction`` lung."""
     s = cubes.shape[1]
     half = max(1, int(round(centre_mm / spacing_mm / 2)))
     core = cubes[:, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half, s // 2 - half: s // 2 + half]
-    return (core < LUNG_HU).reshape(len(cubes), -1).mean(axis=1) >= 0.5
+    return (core < LUNG_HU).reshape(len(cubes), -1).mean(axis=1) >= fraction
 
 
 def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | None = None,
@@ -65,21 +71,81 @@ def nodule(spacing_mm: float, rng: np.random.Generator, diameter_mm: float | Non
     return occ, hu
 
 
-def paste_nodule(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
-    """``cube`` (S, S, S) of HU with a random ``nodule`` blended in, its centre up to ``offset``
-    voxels from the cube's centre on each axis. Where the background is brighter than the nodule
-    (a vessel through a ground-glass nodule) the background stays."""
+def paste_nodule(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float | None = 0.0,
+                 where: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``cube`` (S, S, S) of HU with a random ``nodule`` blended in, and where it shows.
+
+    Args:
+        offset: the nodule's centre lies up to this many voxels from the cube's centre on each
+            axis (None: anywhere its whole box fits in the cube).
+        where: ``free`` in the lung, on the ``pleural`` wall or against a ``vascular`` structure
+            (``noduledet.data.kinds.LOCATIONS``; drawn when None): the centre is a lung voxel that
+            the placement allows (``place``; for a vascular one without a vessel nearby, a
+            ``paste_vessel`` first); free when the cube offers no such voxel, and at a point drawn
+            within ``offset`` of the centre when it has no lung there at all.
+
+    Returns:
+        The cube (float32; where the background is brighter than the nodule, a vessel through a
+        ground-glass nodule or the chest wall beside one, the background stays) and the
+        (z, y, x, diameter mm) of what shows of the nodule (its centroid and volume), or None when
+        nothing shows.
+    """
     occ, hu = nodule(spacing_mm, rng)
-    centre = np.rint((np.array(cube.shape) - 1) / 2 + rng.uniform(-offset, offset, 3)).astype(int)
     half = occ.shape[0] // 2
+    radius = float(np.cbrt(6 * occ.sum() / np.pi)) / 2
+    where = str(rng.choice(LOCATIONS)) if where is None else where
+    centre = place(cube, radius, rng, where, offset, half)
+    if centre is None and where == "vascular":  # no vessel there: one is drawn past the point first
+        cube = paste_vessel(cube, spacing_mm, rng, offset if offset is not None else 0.0)
+        centre = place(cube, radius, rng, where, offset, half)
+    if centre is None and where != "free":
+        centre = place(cube, radius, rng, "free", offset, half)
+    if centre is None:
+        spread = offset if offset is not None else (cube.shape[0] - 1) / 2
+        centre = np.rint((np.array(cube.shape) - 1) / 2 + rng.uniform(-spread, spread, 3)).astype(int)
     out = cube.astype(np.float32)
     dst, src = [], []
     for c, n in zip(centre, cube.shape):
         lo, hi = max(0, c - half), min(n, c + half + 1)
         dst.append(slice(lo, hi))
         src.append(slice(lo - (c - half), hi - (c - half)))
-    out[tuple(dst)] = _blend(out[tuple(dst)], occ[tuple(src)], hu[tuple(src)])
-    return out
+    before = out[tuple(dst)].copy()
+    out[tuple(dst)] = _blend(before, occ[tuple(src)], hu[tuple(src)])
+    shows = occ[tuple(src)] * (hu[tuple(src)] > before + 50)  # what the background does not hide
+    if shows.sum() < 0.5:
+        return out, None
+    centroid = (np.indices(shows.shape).reshape(3, -1) * shows.reshape(-1)).sum(axis=1) / shows.sum()
+    start = np.array([d.start for d in dst])
+    return out, np.array([*(centroid + start), np.cbrt(6 * shows.sum() / np.pi) * spacing_mm])
+
+
+def place(cube: np.ndarray, radius: float, rng: np.random.Generator, where: str, offset: float | None,
+          margin: int = 0) -> np.ndarray | None:
+    """A lung voxel (z, y, x) of ``cube`` to centre a nodule of ``radius`` voxels on, drawn at
+    random among those that ``where`` allows: ``pleural`` within 0.7 radius of a broad dense area,
+    the chest wall (so that the nodule touches it); ``vascular`` within it of a narrow one, a
+    vessel (and not the wall); ``free`` further than 1.7 radius (lobulated, a nodule reaches that far) from both. Within ``offset`` voxels of the centre on
+    each axis (None: at least ``margin`` from the border). None when no voxel qualifies."""
+    n = cube.shape[0]
+    lo, hi = ((n - 1) / 2 - offset, (n - 1) / 2 + offset) if offset is not None else (margin, n - 1 - margin)
+    lo, hi = max(0, int(np.ceil(lo))), min(n - 1, int(np.floor(hi)))
+    if hi < lo:
+        return None
+    dense = (np.asarray(cube) > DENSE_HU).astype(np.float32)
+    wide = max(2, int(round(1.5 * radius)) + 1)
+    wall = dense * (ndimage.uniform_filter(dense, size=2 * wide + 1, mode="nearest") > BROAD)
+
+    def within(mask: np.ndarray, r: float) -> np.ndarray:  # voxels with one of ``mask`` within r voxels (each axis)
+        return ndimage.maximum_filter(mask, size=2 * int(np.ceil(r)) + 1, mode="constant") > 0
+
+    touching = 0.7 * radius  # from the centre: the nodule's surface reaches past it whatever its shape
+    allowed = {"free": lambda: ~within(dense, 1.7 * radius + 1),
+               "pleural": lambda: within(wall, touching),
+               "vascular": lambda: within(dense - wall, touching) & ~within(wall, 1.7 * radius + 1)}[where]()
+    allowed &= np.asarray(cube) < LUNG_HU
+    box = allowed[lo:hi + 1, lo:hi + 1, lo:hi + 1]
+    spots = np.argwhere(box)
+    return spots[rng.integers(len(spots))] + lo if len(spots) else None
 
 
 def paste_vessel(cube: np.ndarray, spacing_mm: float, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
