@@ -83,7 +83,8 @@ def tiny_config(phantom_root, phantom_cache, out, *extra):
         "data.test_fraction=0.25", "data.val_fraction=0.25", f"train.out={out}", "train.epochs=2",
         "train.batch_size=4", "train.warmup_iters=2", "train.threads=1", "stage2.epochs=1",
         "stage2.samples_per_epoch=32", "stage2.batch_size=16", "stage2.size=12", "stage2.spacing_mm=2.5",
-        "stage2.width=4", "data.pixel_mm=4.0", *extra])
+        "stage2.width=4", "data.pixel_mm=4.0", "proposer.steps=2", "proposer.batch_size=2", "proposer.patch=16",
+        "proposer.spacing_mm=4.0", "proposer.width=4", "proposer.candidates=5", "proposer.min_score=0.0", *extra])
 
 
 @pytest.fixture(scope="session")

@@ -704,9 +704,21 @@ def config_no_stage2_epochs(d):
     return [d / "c.yaml"], d / "c.yaml"
 
 
-@_case(CONFIGS, r"stage2\.synthetic=1\.5; it must be a fraction from 0 \(none\) to 1")
+@_case(CONFIGS, r"stage2\.synthetic=1\.5; it must be a fraction from 0 to 1")
 def config_synthetic_over_one(d):
     (d / "c.yaml").write_text("stage2:\n  synthetic: 1.5\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
+@_case(CONFIGS, r"proposer\.patch=20; it must be a multiple of 8, at least 16")
+def config_proposer_patch_not_a_multiple_of_8(d):
+    (d / "c.yaml").write_text("proposer:\n  patch: 20\n")
+    return [d / "c.yaml"], d / "c.yaml"
+
+
+@_case(CONFIGS, r"proposer\.hard=2\.0; it must be a fraction from 0 to 1")
+def config_proposer_hard_over_one(d):
+    (d / "c.yaml").write_text("proposer:\n  hard: 2\n")
     return [d / "c.yaml"], d / "c.yaml"
 
 

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from bench_variants import measure, overhead  # noqa: E402
 from common import matmul_gflops  # noqa: E402
 
+from noduledet.data.luna16 import Luna16  # noqa: E402
 from noduledet.models import build_detector  # noqa: E402
 from noduledet.models.detector import count_parameters  # noqa: E402
 from noduledet.models.profile import count_flops  # noqa: E402
@@ -97,7 +98,6 @@ def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
 
     from noduledet.data.ct import read_ct
     from noduledet.data.kinds import annotation_kinds
-    from noduledet.data.luna16 import Luna16
 
     assert foreign([str(tmp_path / "f"), "--scans", "1", "--seed", "3"]) == 0
     data = Luna16(tmp_path / "f")
@@ -114,23 +114,31 @@ def test_the_foreign_phantom_annotates_its_nodules_where_they_are(tmp_path):
 
 
 def test_candidate_pool_counts_by_hand():
-    from candidate_pool import pool_table
+    from candidate_pool import pool_table, row_groups
 
-    # (diameter, among stage one's candidates, rank of the first blob spot on it)
-    rows = [(4.0, False, 10), (5.0, True, None), (8.0, False, 120), (12.0, False, None)]
-    table = pool_table(rows, counts=(0, 50, 150))
-    assert [(r["held"], r["small_held"]) for r in table] == [(1, 1), (2, 2), (3, 2)]
-    assert {(r["nodules"], r["small"]) for r in table} == {(4, 2)}
+    rows = [{"diameter": 4.0, "sources": {"blobs"}}, {"diameter": 5.0, "sources": {"stage1", "proposer"}},
+            {"diameter": 8.0, "sources": set()}, {"diameter": 12.0, "sources": {"proposer"}}]
+    kinds = {"location": np.array(["pleural", "free", "vascular", "pleural"]),
+             "texture": np.array(["solid", "solid", "ground-glass", "solid"])}
+    table = {r["group"]: r for r in pool_table(rows, row_groups(rows, kinds))}
+    assert (table["all"]["nodules"], table["all"]["pool"]) == (4, 3)
+    assert (table["all"]["stage1"], table["all"]["proposer"], table["all"]["blobs"]) == (1, 2, 1)
+    assert (table["3-6 mm"]["nodules"], table["3-6 mm"]["pool"], table["6-10 mm"]["pool"]) == (2, 2, 0)
+    assert (table["pleural"]["nodules"], table["pleural"]["pool"], table["pleural"]["proposer"]) == (2, 2, 1)
+    assert (table["ground-glass"]["nodules"], table["ground-glass"]["pool"]) == (1, 0)
 
 
 @pytest.mark.slow  # a benchmark over a trained run's scans: `python -m pytest -m slow`
-def test_candidate_pool_on_a_trained_run(trained, phantom_cache, tmp_path, capsys):
+def test_candidate_pool_on_a_trained_run(trained, phantom_root, phantom_cache, tmp_path, capsys):
     from candidate_pool import main
 
-    assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(phantom_cache), "--threads", "1"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "/" in line]
-    held = [int(r[2].split("/")[0]) for r in rows]
-    assert [int(r[1]) for r in rows] == [0, 50, 100, 200, 300] and held == sorted(held)  # more spots, never fewer held
+    assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(phantom_cache), "--data", str(phantom_root),
+                 "--threads", "1"]) == 0
+    rows = {line.split("|")[1].strip(): [int(v) for v in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isalnum()}
+    n, pool, *by_source = rows["all"]
+    assert n == len(Luna16(phantom_root).annotations()) and max(by_source) <= pool <= n
+    assert sum(rows[k][0] for k in ("free", "pleural", "vascular")) == n  # every nodule has a location
     assert main(["--checkpoint", str(trained / "best.pt"), "--cache", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no prepared cache here" in err

@@ -7,6 +7,7 @@ from scipy import ndimage
 from noduledet.blobs import _maximum_3x3x3, blob_points, find_blobs, suppress
 from noduledet.candidates import Candidate
 from noduledet.geometry import Geometry
+from noduledet.pipeline import join
 
 BALLS = {"small": ((-10.0, 8.0, 30.0), 1.6), "large": ((15.0, -12.0, 40.0), 5.0)}  # world centre, radius mm
 
@@ -78,14 +79,30 @@ def test_the_voxel_centres_map_to_world_through_the_geometry():
         assert np.allclose(g.voxel_to_world(c.voxel_zyx), c.world_xyz)
 
 
-def test_spots_stage_one_has_taken_and_count_zero():
+def test_spots_on_a_candidate_of_the_pool_join_it_and_count_zero():
     hu, g = _chest((1.0, 1.0, 0.7))
     (small, _), (large, _) = BALLS.values()
     taken = Candidate(np.zeros(3), np.array(large), 0.9, 10.0, 3, (0, 0), [])
-    found = find_blobs(hu, g, count=10, taken=[taken])
-    assert all(np.linalg.norm(c.world_xyz - np.array(large)) > 5.0 for c in found)
-    assert np.linalg.norm(found[0].world_xyz - np.array(small)) < 1.5
+    pool = join([taken], find_blobs(hu, g, count=11), 10)
+    assert pool[0].sources == ("stage1", "blobs") and pool[0].world_xyz is taken.world_xyz  # found by both, kept in place
+    assert all(np.linalg.norm(c.world_xyz - np.array(large)) > 5.0 for c in pool[1:])
+    assert np.linalg.norm(pool[1].world_xyz - np.array(small)) < 1.5 and pool[1].sources == ("blobs",)
     assert find_blobs(hu, g, count=0) == []
+
+
+def test_join_by_hand():
+    def cand(x: float, d: float, source: str, p: float | None = None) -> Candidate:
+        return Candidate(np.zeros(3), np.array([x, 0.0, 0.0]), 0.5, d, 0, (0, 0), [], sources=(source,), proposer=p)
+
+    pool = [cand(0.0, 6.0, "stage1"), cand(30.0, 4.0, "stage1")]
+    new = [cand(2.0, 2.0, "proposer", 0.9), cand(10.0, 4.0, "proposer", 0.8), cand(11.0, 4.0, "proposer", 0.7),
+           cand(50.0, 4.0, "proposer", 0.6), cand(80.0, 4.0, "proposer", 0.5)]
+    out = join(pool, new, 2)
+    # 2 mm from the first (radius 3): joins it; 10 mm: new; 11 mm: within 2.5 mm of the one at 10; 50 mm: the
+    # second new one; 80 mm: past the count
+    assert [c.world_xyz[0] for c in out] == [0.0, 30.0, 10.0, 50.0]
+    assert out[0].sources == ("stage1", "proposer") and out[0].proposer == 0.9 and out[1].sources == ("stage1",)
+    assert pool[0].sources == ("stage1",)  # the pool given is left as it was
 
 
 def test_no_lung_no_blobs():
@@ -101,10 +118,10 @@ def test_blob_points_of_a_flat_volume_are_none():
 
 
 def test_suppress_by_hand():
-    world = np.array([[0.0, 0, 0], [1.0, 0, 0], [10.0, 0, 0], [30.0, 0, 0]])
-    radius = np.array([3.0, 1.0, 2.0, 2.0])
-    # point 1 lies within point 0's 3 mm; point 3 within the taken point's 5 mm
-    assert suppress(world, radius, 10, taken=np.array([[33.0, 0, 0]]), taken_radius=np.array([5.0])) == [0, 2]
+    world = np.array([[0.0, 0, 0], [1.0, 0, 0], [10.0, 0, 0], [12.0, 0, 0], [30.0, 0, 0]])
+    radius = np.array([3.0, 1.0, 2.0, 1.0, 2.0])
+    # point 1 lies within point 0's 3 mm; point 3 within 2.5 mm of point 2
+    assert suppress(world, radius, 10) == [0, 2, 4]
     assert suppress(world, radius, 1) == [0]
 
 

@@ -252,16 +252,20 @@ def test_stage_two_trained_again_in_place_mines_again_when_the_pool_changes(trai
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    pools = []
-    mine = fpr.mine
-    monkeypatch.setattr(fpr, "mine", lambda *a, **k: pools.append(k["blobs"]) or mine(*a, **k))
+    pools, proposers = [], []
+    mine, train_proposer = fpr.mine, engine.train_proposer
+    monkeypatch.setattr(fpr, "mine", lambda pipeline, *a, **k: pools.append(pipeline.config.stage2.blobs) or mine(pipeline, *a, **k))
+    monkeypatch.setattr(engine, "train_proposer", lambda cfg, *a, **k: proposers.append(cfg.proposer.steps) or train_proposer(cfg, *a, **k))
     with pytest.raises(UserError, match="has a second stage already; pass --force to replace it, or -o"):
         engine.retrain_stage2(run, ["stage2.blobs=0"], log=None)
     assert checkpoint.load(run / "best.pt").config.stage2.blobs == 50 and not pools  # refused before any change
     engine.retrain_stage2(run, ["stage2.blobs=0"], force=True, log=None)
-    assert pools == [0]
+    assert pools == [0] and proposers == []  # the pool changed, the proposer did not: it is kept
     assert checkpoint.load(run / "best.pt").config.stage2.blobs == 0
     assert checkpoint.load(run / "last.pt").stage2 is not None
+    engine.retrain_stage2(run, ["proposer.steps=3"], force=True, log=None)
+    assert pools == [0, 0] and proposers == [3]  # a new proposer: trained, and the pool mined again
+    assert checkpoint.load(run / "last.pt").proposer is not None
 
 
 def test_stage_two_trained_again_leaves_no_half_made_run_folder(trained, tmp_path, monkeypatch):
@@ -277,7 +281,7 @@ def test_stage_two_trained_again_leaves_no_half_made_run_folder(trained, tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train.epochs=3"], "override 'train.epochs=3': only stage2.* settings change here (stage one is kept)"),
+    (["train.epochs=3"], "override 'train.epochs=3': only stage2.* and proposer.* settings change here (stage one is kept)"),
     (["stage2.enabled=false"], "stage2.enabled=false leaves nothing to train"),
     (["stage2.combine=max"], "stage2.combine='max'; choose from"),
     (["-o", "{trained}"], "has a second stage already; pass --force"),

@@ -53,6 +53,21 @@ def test_evaluate_scores_exactly_what_predict_writes(run_dir, phantom_root, tmp_
     assert not (tmp_path / "eval" / "cache").exists()  # a cache made for the evaluation is not left behind
 
 
+def test_with_every_stage_evaluate_still_scores_what_predict_writes(trained, phantom_root, tmp_path):
+    """Stage one, the 3D proposer, the blob filter and stage two: the same candidates both ways,
+    each naming the sources that proposed it."""
+    data = Luna16(phantom_root)
+    test = json.loads((trained / "splits.json").read_text())["test"]
+    assert main(["evaluate", "--checkpoint", str(trained / "best.pt"), "-o", str(tmp_path / "eval")]) == 0
+    assert main(["predict", *[str(data.scan_path(u)) for u in test], "--checkpoint", str(trained / "best.pt"),
+                 "-o", str(tmp_path / "pred"), "--no-pictures", "--no-viewer"]) == 0
+    evaluated = (tmp_path / "eval" / "candidates.csv").read_text()
+    assert evaluated.count("\n") > 1 and (tmp_path / "pred" / "candidates.csv").read_text() == evaluated
+    sources = [set(c["sources"]) for u in test for c in json.loads((tmp_path / "pred" / u / "scan.json").read_text())["candidates"]]
+    assert sources and all(s and s <= {"stage1", "proposer", "blobs"} for s in sources)
+    assert any("proposer" in s for s in sources)  # the proposer's peaks reached the list
+
+
 class BrightBlobs(torch.nn.Module):
     """A detector without learning: every bright blob of the middle channel that does not touch
     the slice's border, boxed. Its answers depend on the pixels alone, so it tests the road

@@ -316,7 +316,7 @@ def test_the_pipeline_cuts_the_wider_cube_for_a_classifier_with_context():
     detector = Detector(BrightBlobs(), (-5.0, 0.0, 5.0), (-1000.0, 400.0), channels_last=False)
     cfg = Config(stage2=replace(Config().stage2, flips_top=0))
     found = Pipeline(detector, EvalConfig(), cfg, classifier=OutshoneByContext(_spec(size=8, context=2))
-                     ).rescore(hu, g, [], spots)
+                     ).rescore(hu, g, spots)
     p = {float(c.world_xyz[0]): c.probability for c in found}
     assert p[20.0] == pytest.approx(0.5, abs=1e-6) and p[54.0] > 0.99
 
@@ -341,7 +341,7 @@ def test_the_most_probable_cubes_are_scored_under_the_eight_flips():
 
     def scores(top: int) -> dict[float, float]:
         cfg = Config(stage2=replace(Config().stage2, flips_top=top))
-        found = Pipeline(detector, EvalConfig(), cfg, classifier=classifier).rescore(hu, g, [], spots)
+        found = Pipeline(detector, EvalConfig(), cfg, classifier=classifier).rescore(hu, g, spots)
         return {float(c.world_xyz[0]): c.probability for c in found}
 
     once, flipped = scores(0), scores(2)

@@ -11,15 +11,14 @@ any scan:
    finds bright spots at every scale: the local maxima of each scale's response, each placed
    between grid points by the parabola through it and its neighbours on each axis (a 3 mm
    nodule is hit only within 1.5 mm of its centre, and a grid point can be 0.9 mm off it), then
-   mapped back to the scan's voxels the way ``ndimage.zoom`` sampled them (its first and last
-   samples on the first and last voxels);
+   mapped back to the scan's voxels (``data.patches.isotropic_grid``);
 3. at each maximum, the Hessian of that scale tells a blob (three strongly negative eigenvalues)
    from a vessel (one eigenvalue near zero, along the vessel) or a wall (two near zero); the
    score is the scale-normalised eigenvalue closest to zero, the "dot" measure of Li et al.,
    Med. Phys. 2003, so tubes and plates score about nothing however bright they are;
-4. maxima outside the lungs (the coarse mask of ``noduledet.data.lung``, dilated by 6 mm so that
-   nodules on the pleura stay in) are dropped, and of spots closer together than the larger
-   one's radius the stronger is kept.
+4. maxima outside the lungs (the coarse mask of ``noduledet.data.lung``, closed by a rolling ball
+   and dilated by 6 mm so that nodules on the pleura stay in: ``LungMask.contains``) are dropped,
+   and of spots closer together than the larger one's radius the stronger is kept.
 
 On a 512x512x300 scan this takes a few seconds (docs/benchmarks.md). The spots join stage one's
 candidates before stage two; their own stage-one probability is 0.
@@ -30,17 +29,17 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from noduledet.candidates import Candidate
 from noduledet.data.ct import CTVolume
-from noduledet.data.lung import segment_lungs
+from noduledet.data.lung import LungMask, segment_lungs
+from noduledet.data.patches import isotropic_grid
 from noduledet.geometry import Geometry
 
 SIGMAS_MM = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # each 1.4 times the last
 MIN_RESPONSE_HU = 20.0  # a difference-of-Gaussians peak weaker than this is texture
-LUNG_DILATION_MM = 6.0
+REACH_MM = 2.5  # two spots closer than this (or than the larger radius) are one
 
 
 def _hessian_dot(smooth: np.ndarray, points: np.ndarray, sigma: float) -> np.ndarray:
@@ -77,17 +76,6 @@ def _peak_offsets(response: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.clip(out, -0.5, 0.5)
 
 
-def _zoom_linear(volume: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """``ndimage.zoom(volume, factor, order=1, prefilter=False)`` (float32): trilinear, the first
-    and last samples of each axis on the first and last voxels; torch's multi-threaded
-    interpolation in double precision, the same float32 values on three demo scans and 1.2-5
-    times faster there on 2 cores (0.28 / 0.72 / 0.53 s -> 0.20 / 0.60 / 0.10 s)."""
-    shape = tuple(int(round(n * f)) for n, f in zip(volume.shape, factor))
-    x = torch.from_numpy(volume.astype(np.float64))[None, None]
-    zoomed = torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)[0, 0]
-    return zoomed.numpy().astype(np.float32)
-
-
 def _maximum_3x3x3(volume: np.ndarray) -> np.ndarray:
     """``ndimage.maximum_filter(volume, size=3)``: each voxel's maximum over its 3x3x3
     neighbourhood (the volume's edge repeats), one axis at a time by shifted ``np.maximum``; the
@@ -107,10 +95,7 @@ def _maximum_3x3x3(volume: np.ndarray) -> np.ndarray:
 def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blob centres of a volume as continuous voxel indices of ``hu`` (K, 3), their scores and
     radii in mm, strongest first (steps 1-3 of the module docstring; no lung mask, no merging)."""
-    factor = np.asarray(spacing_zyx, dtype=float) / grid_mm
-    grid = _zoom_linear(np.clip(np.asarray(hu, dtype=np.float32), -1000, 150), factor)
-    # zoom puts the first and last samples of each axis on the first and last voxels
-    to_voxel = (np.array(np.shape(hu)) - 1) / np.maximum(np.array(grid.shape) - 1, 1)
+    grid, to_voxel = isotropic_grid(np.clip(np.asarray(hu, dtype=np.float32), -1000, 150), spacing_zyx, grid_mm)
     ratio = SIGMAS_MM[1] / SIGMAS_MM[0]
     points, scores, radii = [], [], []
 
@@ -143,48 +128,38 @@ def blob_points(hu: np.ndarray, spacing_zyx, grid_mm: float = 1.0) -> tuple[np.n
     return at[keep][order] * to_voxel, score[keep][order], radius[keep][order]
 
 
-def suppress(world: np.ndarray, radius: np.ndarray, count: int, taken: np.ndarray | None = None,
-             taken_radius: np.ndarray | None = None) -> list[int]:
+def suppress(world: np.ndarray, radius: np.ndarray, count: int) -> list[int]:
     """Indices of up to ``count`` of the points (strongest first), skipping any closer to a kept
-    one, or to a ``taken`` point, than the larger of the two radii (and than 2.5 mm)."""
+    one than the larger of the two radii (and than ``REACH_MM``)."""
     kept: list[int] = []
-    others = np.zeros((0, 3)) if taken is None else np.asarray(taken, dtype=float).reshape(-1, 3)
-    others_r = np.zeros(len(others)) if taken_radius is None else np.asarray(taken_radius, dtype=float)
     for i in range(len(world)):
         if len(kept) >= count:
             break
-        d = np.linalg.norm(others - world[i], axis=1)
-        if (d < np.maximum(np.maximum(others_r, radius[i]), 2.5)).any():
+        d = np.linalg.norm(world[kept] - world[i], axis=1)
+        if (d < np.maximum(np.maximum(radius[kept], radius[i]), REACH_MM)).any():
             continue
         kept.append(i)
-        others, others_r = np.vstack([others, world[i]]), np.append(others_r, radius[i])
     return kept
 
 
-def find_blobs(hu: np.ndarray, geometry: Geometry, count: int, taken: list[Candidate] = (),
+def find_blobs(hu: np.ndarray, geometry: Geometry, count: int, lungs: LungMask | None = None,
                grid_mm: float = 1.0) -> list[Candidate]:
-    """Up to ``count`` blob candidates in the lungs of a scan region, strongest first, none on a
-    spot already ``taken`` (stage one's candidates). Voxel indices in the region's frame."""
+    """Up to ``count`` blob candidates in the lungs of a scan region (``lungs``: its mask, when
+    already made), strongest first. Voxel indices in the region's frame."""
     if count <= 0:
         return []
     hu = np.asarray(hu)
-    lungs = segment_lungs(CTVolume(hu, geometry))
+    lungs = lungs if lungs is not None else segment_lungs(CTVolume(hu, geometry))
     if lungs.empty:
         return []
     sx, sy, sz = geometry.spacing
     at, score, radius = blob_points(hu, (sz, sy, sx), grid_mm)
-    block = np.array(lungs.block)
-    reach = max(1, int(round(LUNG_DILATION_MM / float(np.mean(block * [sz, sy, sx])))))
-    near_lung = ndimage.binary_dilation(lungs.coarse, iterations=reach)
-    coarse = np.clip((at / block).astype(int), 0, np.array(near_lung.shape) - 1)
-    inside = near_lung[tuple(coarse.T)]
+    inside = lungs.contains(at, geometry.spacing)
     at, score, radius = at[inside], score[inside], radius[inside]
     world = geometry.voxel_to_world(at).reshape(-1, 3)
-    taken_world = np.array([c.world_xyz for c in taken]).reshape(-1, 3)
-    taken_radius = np.array([c.diameter_mm / 2 for c in taken])
     out = []
-    for i in suppress(world, radius, count, taken_world, taken_radius):
+    for i in suppress(world, radius, count):
         half = int(np.ceil(radius[i] / sz))
         z = int(round(at[i][0]))
-        out.append(Candidate(at[i], world[i], 0.0, float(2 * radius[i]), 0, (z - half, z + half), []))
+        out.append(Candidate(at[i], world[i], 0.0, float(2 * radius[i]), 0, (z - half, z + half), [], sources=("blobs",)))
     return out

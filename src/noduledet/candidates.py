@@ -40,11 +40,13 @@ class Candidate:
         voxel_zyx: continuous voxel centre in the volume's frame.
         world_xyz: the centre in world mm.
         probability: the final probability (stage two's when it rescored the candidate).
-        diameter_mm: the peak box's size.
-        slices: slices whose detections joined (0 for a blob-filter spot).
+        diameter_mm: the peak box's size (the peak's or spot's estimate for the other sources).
+        slices: slices whose detections joined (0 for a proposer's peak or a blob-filter spot).
         z_range: the first and last of those slices.
         members: (index into the detections list, box index) of each joined detection.
         stage1: the detector's probability, when a second stage rescored the candidate.
+        sources: who proposed it: stage1, proposer, blobs (``noduledet.pipeline.SOURCES``).
+        proposer: the 3D proposer's probability at the candidate, when the pipeline has one.
     """
 
     voxel_zyx: np.ndarray
@@ -55,6 +57,8 @@ class Candidate:
     z_range: tuple[int, int]
     members: list[tuple[int, int]]
     stage1: float | None = None
+    sources: tuple[str, ...] = ("stage1",)
+    proposer: float | None = None
 
     def to_dict(self) -> dict:
         out = {"world_xyz": [round(float(v), 3) for v in self.world_xyz],
@@ -64,6 +68,9 @@ class Candidate:
                "z_range": list(self.z_range)}
         if self.stage1 is not None:
             out["stage1_probability"] = round(float(self.stage1), 5)
+        if self.proposer is not None:
+            out["proposer_probability"] = round(float(self.proposer), 5)
+        out["sources"] = list(self.sources)
         return out
 
     def moved(self, offset_zyx) -> Candidate:

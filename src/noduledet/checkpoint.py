@@ -3,8 +3,8 @@
 A checkpoint is a dict of tensors and plain values (``torch.load(weights_only=True)`` reads
 it): the format number, the noduledet version, the detector's variant and ``DetectorSpec``,
 the run's resolved configuration, the model's weights, the epoch, the best validation score
-and the history of epochs; once trained, the second stage (the 3D classifier's spec and weights)
-and the operating points calibrated on the validation scans. ``last.pt`` also holds the
+and the history of epochs; once trained, the 3D proposer and the second stage (each a spec and
+weights) and the operating points calibrated on the validation scans. ``last.pt`` also holds the
 optimiser, scheduler, gradient scaler and RNG state that make ``--resume`` exact
 (``training``). Files are written under a temporary name and renamed, so a checkpoint on disk
 is always whole.
@@ -41,6 +41,7 @@ class Checkpoint:
         best: best validation score so far.
         history: one dict per epoch (losses, validation metrics).
         training: optimiser, scheduler, scaler and RNG state (``last.pt`` only), or None.
+        proposer: the 3D proposer (``noduledet.proposer``), {"spec": ..., "state": ...}, or None.
         stage2: the false-positive-reduction classifier, {"spec": ..., "state": ...}, or None.
         operating_points: {"fp_rates": [...], "thresholds": [...], "max_findings": [...], ...}
             from the validation scans (``noduledet.fpr.calibrate``), or None.
@@ -55,6 +56,7 @@ class Checkpoint:
     best: float = float("-inf")
     history: list = field(default_factory=list)
     training: dict | None = None
+    proposer: dict | None = None
     stage2: dict | None = None
     operating_points: dict | None = None
     path: Path | None = None
@@ -63,7 +65,7 @@ class Checkpoint:
         out = {"format": FORMAT, "noduledet": __version__, "variant": self.variant, "spec": self.spec,
                "config": self.config.to_dict(), "model": self.model, "epoch": self.epoch, "best": self.best,
                "history": self.history}
-        for key in ("training", "stage2", "operating_points"):
+        for key in ("training", "proposer", "stage2", "operating_points"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -110,7 +112,8 @@ def load(path: str | Path, map_location="cpu") -> Checkpoint:
         _fill_old_stage2(stage2, path)
     config = config_from_dict(raw["config"], f"{path} (its config)")
     return Checkpoint(raw["variant"], raw["spec"], config, raw["model"], raw["epoch"], raw["best"],
-                      list(raw["history"]), raw.get("training"), raw.get("stage2"), raw.get("operating_points"), path)
+                      list(raw["history"]), raw.get("training"), raw.get("proposer"), raw.get("stage2"),
+                      raw.get("operating_points"), path)
 
 
 def _fill_old_stage2(stage2: dict, path: Path) -> None:

@@ -98,7 +98,7 @@ def _stage2(args: argparse.Namespace) -> int:
 
     run = engine.retrain_stage2(args.run, args.overrides, out=args.out, force=args.force,
                                 progress=reporter("stage 2", "scan"))
-    print(f"run: {run}; its best.pt and last.pt hold the new second stage and operating points")
+    print(f"run: {run}; its best.pt and last.pt hold the new proposer, second stage and operating points")
     return 0
 
 
@@ -298,9 +298,11 @@ def _add_train(sub) -> None:
 
 
 def _add_stage2(sub) -> None:
-    p = sub.add_parser("stage2", help="train the second stage of a finished run again, its stage one kept")
+    p = sub.add_parser("stage2", help="train what follows stage one again (the 3D proposer when its settings change, "
+                                      "the second stage, the operating points), stage one kept")
     p.add_argument("run", type=Path, help="run folder (of noduledet train or the demo's run/)")
-    p.add_argument("overrides", nargs="*", metavar="stage2.KEY=VALUE", help="e.g. stage2.epochs=32 stage2.spacing_mm=0.8")
+    p.add_argument("overrides", nargs="*", metavar="stage2.KEY=VALUE",
+                   help="stage2.* or proposer.* settings, e.g. stage2.epochs=32 proposer.steps=1200 proposer.enabled=false")
     p.add_argument("-o", "--out", type=Path, help="a new run folder (the run is copied there and left as it was); "
                                                    "default: the run itself")
     p.add_argument("--force", action="store_true", help="replace OUT, or the run's own second stage")

@@ -103,12 +103,32 @@ class EvalConfig:
 
 
 @dataclass
+class ProposerConfig:
+    """The 3D proposer (``noduledet.proposer``), trained after the detector; its peaks join stage
+    two's pool beside stage one's candidates and the blob filter's spots."""
+
+    enabled: bool = True
+    candidates: int = 100  # its most probable peaks per scan that join the pool
+    min_score: float = 0.01  # peaks below this probability are not proposed
+    spacing_mm: float = 1.25  # the isotropic grid it sees
+    width: int = 16  # channels at half resolution (then x2, x4)
+    patch: int = 48  # training patches, voxels (a multiple of 8)
+    batch_size: int = 8
+    steps: int = 300
+    lr: float = 0.01
+    positives: float = 0.5  # fraction of patches placed around a training nodule (the rest on random lung)
+    synthetic: float = 0.5  # fraction of patches given a pasted synthetic nodule (pleural, vascular or free)
+    scale: float = 0.15  # patches zoom by up to this fraction, in or out
+    hard: float = 0.0  # from half-way, this fraction of the other patches is centred on the proposer's own false peaks
+
+
+@dataclass
 class Stage2Config:
     """The 3D false-positive-reduction stage, trained after the detector on its candidates."""
 
     enabled: bool = True
-    candidates: int = 300  # stage one's most probable candidates that stage two scores (then max_candidates kept)
-    blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them; 0: none
+    candidates: int = 100  # stage one's most probable candidates that join stage two's pool (then max_candidates kept); 0: none
+    blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them and the proposer's; 0: none
     size: int = 24  # patch edge in voxels ...
     spacing_mm: float = 0.8  # ... of this size (a 19.2 mm cube; 1.0 and 1.25 mm scored lower on another generator, docs/results.md)
     width: int = 16  # channels of the classifier's first layer
@@ -130,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict:
@@ -137,7 +158,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
-            "stage2": Stage2Config}
+            "proposer": ProposerConfig, "stage2": Stage2Config}
 CHOICES = {  # section.key -> allowed values (the model names come from noduledet.models)
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "step"),
@@ -148,14 +169,15 @@ CHOICES = {  # section.key -> allowed values (the model names come from nodulede
 
 # The ranges a value must lie in (checked when a config is loaded), by the words its error says.
 AT_LEAST_1 = ("train.batch_size", "train.epochs", "train.val_every", "data.patch", "data.eval_slice_stride",
-              "stage2.batch_size", "stage2.size", "stage2.candidates", "stage2.epochs", "stage2.samples_per_epoch",
-              "stage2.width")
+              "stage2.batch_size", "stage2.size", "stage2.epochs", "stage2.samples_per_epoch", "stage2.width",
+              "proposer.width", "proposer.batch_size", "proposer.steps")
 NOT_NEGATIVE = ("train.lr_batch", "train.momentum", "train.weight_decay", "train.warmup_iters", "train.grad_clip",
                 "train.workers", "train.threads", "data.negatives", "data.margin_mm", "data.z_margin_mm",
                 "data.pixel_mm", "data.augment.scale", "data.augment.hu_shift", "data.augment.noise_hu",
-                "data.augment.blur_px", "stage2.shift_mm")
-POSITIVE = ("train.lr", "stage2.spacing_mm", "stage2.lr")
-FRACTIONS = ("data.min_section", "data.augment.hu_gain", "stage2.scale")  # from 0 to below 1
+                "data.augment.blur_px", "stage2.shift_mm", "stage2.candidates", "proposer.candidates")
+POSITIVE = ("train.lr", "stage2.spacing_mm", "stage2.lr", "proposer.spacing_mm", "proposer.lr")
+FRACTIONS = ("data.min_section", "data.augment.hu_gain", "stage2.scale", "proposer.scale")  # from 0 to below 1
+SHARES = ("stage2.synthetic", "proposer.positives", "proposer.synthetic", "proposer.min_score", "proposer.hard")  # 0 to 1
 
 
 def _lookup(cfg, key: str):
@@ -190,11 +212,12 @@ def check_eval(e: EvalConfig, source: str) -> None:
 
 def _check_ranges(cfg: Config, source: str) -> None:
     """Refuse a number outside its range (``AT_LEAST_1``, ``NOT_NEGATIVE``, ``POSITIVE``,
-    ``FRACTIONS``) or a list of the wrong length, naming the key."""
+    ``FRACTIONS``, ``SHARES``) or a list of the wrong length, naming the key."""
     rules = [(AT_LEAST_1, lambda v: v >= 1, "it must be at least 1"),
              (NOT_NEGATIVE, lambda v: v >= 0, "it must be 0 or more"),
              (POSITIVE, lambda v: v > 0, "it must be more than 0"),
-             (FRACTIONS, lambda v: 0 <= v < 1, "it must be from 0 to below 1")]
+             (FRACTIONS, lambda v: 0 <= v < 1, "it must be from 0 to below 1"),
+             (SHARES, lambda v: 0 <= v <= 1, "it must be a fraction from 0 to 1")]
     for keys, ok, rule in rules:
         for key in keys:
             if not ok(_lookup(cfg, key)):
@@ -245,13 +268,14 @@ def _check_choices(cfg: Config, source: str) -> None:
         if value not in choices:
             raise UserError(f"{source}: {key}={value!r}; choose from {sorted(choices)}")
     check_eval(cfg.eval, source)
+    p = cfg.proposer
+    if p.patch < 16 or p.patch % 8:
+        raise UserError(f"{source}: proposer.patch={p.patch}; it must be a multiple of 8, at least 16")
     for name in ("blobs", "flips_top"):
         if getattr(cfg.stage2, name) < 0:
             raise UserError(f"{source}: stage2.{name}={getattr(cfg.stage2, name)}; it must be 0 (none) or more")
     if cfg.stage2.context == 1 or cfg.stage2.context < 0:
         raise UserError(f"{source}: stage2.context={cfg.stage2.context}; it must be 0 (none) or at least 2")
-    if not 0 <= cfg.stage2.synthetic <= 1:
-        raise UserError(f"{source}: stage2.synthetic={cfg.stage2.synthetic}; it must be a fraction from 0 (none) to 1")
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise UserError(f"{source}: train.device={device!r}; choose from ['auto', 'cpu', 'cuda', 'cuda:N']")

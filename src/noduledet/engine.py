@@ -39,6 +39,7 @@ from noduledet.fpr import stage2_done, train_stage2
 from noduledet.metrics.coco import slice_metrics
 from noduledet.models.detector import build_detector
 from noduledet.progress import Progress, track
+from noduledet.proposer import proposer_state, train_proposer
 from noduledet.records import read_meta, write_meta
 from noduledet.runfolder import RunFolder, git_hash
 from noduledet.staging import staged_dir, write_text
@@ -328,10 +329,20 @@ def train(cfg: Config, resume: bool = False, force: bool = False, progress: Prog
         _end_epoch(trainer, row, cfg, run, writer, log if rank == 0 else None, validating=val_ds is not None)
     if writer is not None:
         writer.close()
-    if cfg.stage2.enabled and rank == 0 and not stage2_done(run.last):
-        train_stage2(cfg, run, cache, splits, device, log, scans)
+    if cfg.stage2.enabled and rank == 0:
+        train_after_stage_one(cfg, run, cache, splits, device, log, scans)
     barrier()
     return {"run": str(run.path), "best": trainer.best, "history": trainer.history}
+
+
+def train_after_stage_one(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, device: torch.device,
+                          log=print, scans: Progress | None = None) -> None:
+    """The 3D proposer (when ``proposer.enabled``), then the second stage and its operating
+    points, each saved into the run's checkpoints; a part already there is kept (``--resume``)."""
+    if cfg.proposer.enabled and checkpoint.load(run.last).proposer is None:
+        run.update(proposer=proposer_state(train_proposer(cfg, cache, splits["train"], device, log)))
+    if not stage2_done(run.last):
+        train_stage2(cfg, run, cache, splits, device, log, scans)
 
 
 def _end_epoch(trainer: Trainer, row: dict, cfg: Config, run: RunFolder, writer, log, validating: bool = True) -> None:
@@ -363,8 +374,9 @@ def _end_epoch(trainer: Trainer, row: dict, cfg: Config, run: RunFolder, writer,
 
 def retrain_stage2(run_dir: str | Path, overrides: list[str] = (), out: str | Path | None = None,
                    force: bool = False, log=print, progress=None) -> Path:
-    """Train the second stage of a finished run again, its stage one kept: with other ``stage2``
-    settings (``overrides``, ``stage2.key=value``) or after a change to stage two's code.
+    """Train what follows stage one in a finished run again, its stage one kept: with other
+    ``stage2`` or ``proposer`` settings (``overrides``, ``stage2.key=value``) or after a change to
+    their code. The 3D proposer is trained again when its settings changed (or the run has none).
 
     Args:
         run_dir: a run folder whose stage one has trained all its epochs.
@@ -373,43 +385,51 @@ def retrain_stage2(run_dir: str | Path, overrides: list[str] = (), out: str | Pa
             second stage the run has only with ``force``.
         force: replace ``out`` if it exists, or the run's own second stage.
 
-    The candidates stage one mined on the training scans are reused unless ``stage2.candidates``
-    or ``stage2.blobs`` changed; the operating points are calibrated anew. Returns the run folder
-    that holds the new second stage (``out`` or ``run_dir``).
+    The pool mined on the training scans is reused unless the proposer or the pool's settings
+    (``stage2.candidates``, ``stage2.blobs``, ``proposer.candidates``) changed; the operating
+    points are calibrated anew. Returns the run folder that holds the new second stage (``out``
+    or ``run_dir``).
     """
     src = Path(run_dir)
     last = checkpoint.load(src / "last.pt")
     if last.epoch < last.config.train.epochs:
         raise UserError(f"{src}: stage one stopped after epoch {last.epoch} of {last.config.train.epochs}; "
                         f"finish it first (noduledet train {src / 'config.yaml'} --resume)")
-    foreign = [o for o in overrides if not o.startswith("stage2.")]
+    foreign = [o for o in overrides if not o.startswith(("stage2.", "proposer."))]
     if foreign:
-        raise UserError(f"override {foreign[0]!r}: only stage2.* settings change here (stage one is kept); "
-                        f"train anew for others")
+        raise UserError(f"override {foreign[0]!r}: only stage2.* and proposer.* settings change here (stage one is "
+                        f"kept); train anew for others")
     cfg = config_from_dict(apply_overrides(last.config.to_dict(), list(overrides), str(src)), f"{src} with the overrides")
     if not cfg.stage2.enabled:
         raise UserError(f"{src}: stage2.enabled=false leaves nothing to train")
     if out is None or Path(out).resolve() == src.resolve():
         if last.stage2 is not None and not force:
             raise UserError(f"{src}: has a second stage already; pass --force to replace it, or -o for a new run folder")
-        _train_stage2_again(src, src, cfg, overrides, last.config.stage2, log, progress)
+        _train_stage2_again(src, src, cfg, overrides, last.config, log, progress)
         return src
     dst = Path(out)
     with staged_dir(dst, force) as tmp:  # NEW appears only with its second stage trained
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         cfg = replace(cfg, train=replace(cfg.train, out=str(dst)))  # a later --resume finds the copy, not the run
-        _train_stage2_again(tmp, src, cfg, overrides, last.config.stage2, log, progress)
+        _train_stage2_again(tmp, src, cfg, overrides, last.config, log, progress)
     return dst
 
 
-def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[str], before, log, progress) -> None:
+def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[str], before: Config, log,
+                        progress) -> None:
     """``retrain_stage2``'s work in the run ``folder`` (``src`` or its copy): ``cfg`` into its
-    checkpoints and config.yaml, the mined candidates dropped when the pool's settings differ from
-    ``before`` (the run's ``stage2``), the change in meta.json, then stage two trained."""
-    if (cfg.stage2.candidates, cfg.stage2.blobs) != (before.candidates, before.blobs):
-        (folder / "stage2_candidates.json").unlink(missing_ok=True)  # stage one's pool changed: mine again
+    checkpoints and config.yaml, the proposer dropped (and trained again) when its settings differ
+    from ``before`` (the run's config), the mined candidates dropped when the pool's settings
+    differ, the change in meta.json, then the proposer and stage two trained."""
     run = RunFolder(folder, resume=True)
-    run.set_stage2(None, None, config=cfg)  # the new settings, and no second stage until it is trained
+    proposer = checkpoint.load(run.last).proposer
+    if cfg.proposer != before.proposer or not cfg.proposer.enabled:
+        proposer = None
+    pool = (cfg.stage2.candidates, cfg.stage2.blobs, cfg.proposer.enabled, cfg.proposer.candidates)
+    if proposer is None or pool != (before.stage2.candidates, before.stage2.blobs, before.proposer.enabled,
+                                    before.proposer.candidates):
+        (folder / "stage2_candidates.json").unlink(missing_ok=True)  # stage two's pool changed: mine again
+    run.update(proposer=proposer, stage2=None, operating_points=None, config=cfg)  # nothing after stage one until trained
     write_text(folder / "config.yaml", config_yaml(cfg))
     meta = read_meta(folder)
     meta["stage2_retrained"] = {"from": str(src), "overrides": list(overrides), "git": git_hash(),
@@ -417,4 +437,4 @@ def _train_stage2_again(folder: Path, src: Path, cfg: Config, overrides: list[st
     write_meta(folder, meta)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train_stage2(cfg, run, open_cache(cfg), run.splits(), resolve_device(cfg.train.device), log, progress)
+    train_after_stage_one(cfg, run, open_cache(cfg), run.splits(), resolve_device(cfg.train.device), log, progress)

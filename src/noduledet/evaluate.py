@@ -6,7 +6,8 @@ prepared cache only serves each scan's region, made with the run's margins). The
 - slice level (the paper's metrics) on the slices that cut a nodule (the paper's test set holds
   "images of lung nodules" only) and on every lung slice (what a reader meets);
 - scan level: the candidates scored with the LUNA16 FROC/CPM, with the sensitivity by nodule
-  size and, where the data record them (``annotations_kinds.csv``), by location and texture.
+  size and, where the data record them (``annotations_kinds.csv``), by location and texture,
+  each beside how many of those nodules stage two's pool held.
 
 Outputs (written to a temporary folder, renamed when complete): ``metrics.json``,
 ``metrics.md``, ``candidates.csv`` (LUNA16 format), ``froc.png``, ``pr.png`` and
@@ -186,7 +187,9 @@ def write_report(tmp: Path, checkpoint: Path, pipeline: Pipeline, luna: Luna16, 
     on_lungs = slice_metrics(preds, targets, e.score_threshold, e.iou_threshold)
     table = candidates_table({u: results[u].candidates for u in uids})
     annotations, excluded = luna.annotations(), luna.excluded()
-    result = froc(annotations, excluded, table, uids, e.max_candidates, e.bootstrap, kinds=annotation_kinds(luna))
+    pool = candidates_table({u: results[u].pool or results[u].candidates for u in uids})
+    result = froc(annotations, excluded, table, uids, e.max_candidates, e.bootstrap, pool=pool,
+                  kinds=annotation_kinds(luna))
     stages = {}
     if pipeline.classifier is not None:  # stage one alone, beside both stages
         alone = froc(annotations, excluded, candidates_table({u: results[u].stage1 for u in uids}), uids,

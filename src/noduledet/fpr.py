@@ -3,11 +3,12 @@
 ``train_stage2`` runs once the detector's epochs are done (``noduledet train`` calls it):
 
 1. stage one (the run's ``best.pt``) runs over the training scans, through the same
-   ``Pipeline`` as ``predict``, and each candidate gets the FROC's label: one that hits a
-   nodule is a positive, one that hits only an excluded finding is dropped, any other is a
-   false positive — the hard negatives, mostly vessels seen end-on; the blob filter's spots
-   (``stage2.blobs``, ``noduledet.blobs``) are labelled the same way, and a few vessel-like
-   spots per scan join the negatives, so that the classifier sees more than one detector's mistakes;
+   ``Pipeline`` as ``predict``, and each candidate of stage two's pool (stage one's, the 3D
+   proposer's peaks, the blob filter's spots: ``Pipeline.pool``) gets the FROC's label: one that
+   hits a nodule is a positive, one that hits only an excluded finding is dropped, any other is
+   a false positive — the hard negatives, mostly vessels seen end-on and bumps of the chest
+   wall; a few vessel-like spots per scan join the negatives, so that the classifier sees more
+   than its proposers' mistakes;
 2. an isotropic cube is cut around every candidate and every annotated nodule (a little larger
    than the classifier's, so that training can shift it; with ``stage2.context`` k, k times as
    wide, the coarser view's);
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 
 from noduledet import checkpoint
-from noduledet.blobs import find_blobs
 from noduledet.config import Config
 from noduledet.data.cache import SliceCache
 from noduledet.data.dataset import vessel_like
@@ -78,17 +78,16 @@ def vessel_spots(cache: SliceCache, uid: str, count: int, rng: np.random.Generat
 
 
 def mine(pipeline: Pipeline, cache: SliceCache, uids: list[str], seed: int = 0, spots: int = 8,
-         blobs: int = 0, progress=None) -> list[dict]:
-    """Stage one's candidates on ``uids`` and ``blobs`` spots of the blob filter, with their labels
-    (1 nodule, 0 false positive), every annotated nodule (1) and ``spots`` vessel-like spots per
-    scan (0): {"uid", "world_xyz", "label"}."""
+         progress=None) -> list[dict]:
+    """Stage two's pool on ``uids`` (stage one's candidates, the proposer's peaks, the blob
+    filter's spots: ``Pipeline.pool``) with their labels (1 nodule, 0 false positive), every
+    annotated nodule (1) and ``spots`` vessel-like spots per scan (0): {"uid", "world_xyz", "label"}."""
     items = []
     for k, uid in enumerate(track(progress, uids)):
         nodules, excluded = scan_findings(cache, uid)
-        hu, g = cache.volume(uid), cache.geometry(uid)
-        result = pipeline.run(hu, g, cache.region(uid))
-        found = [c.world_xyz for c in result.candidates]
-        found += [c.world_xyz for c in find_blobs(hu, g, blobs, result.candidates)]
+        hu, g, region = cache.volume(uid), cache.geometry(uid), cache.region(uid)
+        result = pipeline.run(hu, g, region)
+        found = [c.world_xyz for c in pipeline.pool(hu, g, region, result.candidates)]
         points = found + list(vessel_spots(cache, uid, spots, np.random.default_rng([seed, k, 3])))
         for i, xyz in enumerate(points):
             on_nodule = bool(hits(xyz, nodules).any())
@@ -229,8 +228,9 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     stage1 = Pipeline.from_checkpoint(run.best, device, stage2=False)
     if not mined.is_file():  # the slow part, kept for a resumed run
         t = time.perf_counter()
-        miner = Pipeline(stage1.detector, replace(stage1.settings, max_candidates=s.candidates), stage1.config)
-        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, blobs=s.blobs, progress=progress))
+        miner = Pipeline(stage1.detector, replace(stage1.settings, max_candidates=s.candidates), stage1.config,
+                         proposer=stage1.proposer)
+        write_json(mined, mine(miner, cache, splits["train"], cfg.train.seed, progress=progress))
         if log:
             log(f"stage 2: stage one ran over {len(splits['train'])} training scans in {time.perf_counter() - t:.0f} s")
     items = json.loads(mined.read_text())
@@ -242,12 +242,12 @@ def train_stage2(cfg: Config, run: RunFolder, cache: SliceCache, splits: dict, d
     spec = classifier_spec(cfg)
     model = fit(cut(cache, items, spec, cube_margin(s, spec)), labels, cfg, device, log)
     stage2 = {"spec": model.spec.to_dict(), "state": {k: v.cpu() for k, v in model.state_dict().items()}}
-    both = Pipeline(stage1.detector, stage1.settings, stage1.config, stage1.epoch, model)
+    both = Pipeline(stage1.detector, stage1.settings, stage1.config, stage1.epoch, model, proposer=stage1.proposer)
     points = calibrate(both, cache, splits["val"], progress) if splits["val"] else None
     if log and points:
         log(f"stage 2 on {points['scans']} validation scans: CPM {points['cpm_stage1']:.3f} (stage one) -> "
             f"{points['cpm']:.3f} (both stages)")
-    run.set_stage2(stage2, points)
+    run.update(stage2=stage2, operating_points=points)
 
 
 def cube_margin(s, spec: ClassifierSpec) -> int:

@@ -6,12 +6,16 @@
     volume -> lung mask -> scan region (the lungs' box plus margins, ``DataConfig``)
            -> stage one: the detector on the region's lung slices, ``slice_step_mm`` apart
               (batched, no autograd, resampled to the working pixel spacing)
-           -> 3D merge -> the most probable ``max_candidates`` (``stage2.candidates`` with stage two)
-           -> with stage two, ``stage2.blobs`` round spots from a 3D blob filter join them
-              (``noduledet.blobs``: untrained, it proposes what stage one never learnt)
+           -> 3D merge -> the most probable ``max_candidates``: stage one's candidates
+           -> with stage two, its pool (``Pipeline.pool``): stage one's ``stage2.candidates``
+              most probable, the 3D proposer's ``proposer.candidates`` peaks
+              (``noduledet.proposer``: learnt, it sees a bump on a wall or a faint blob over
+              several slices) and ``stage2.blobs`` round spots of a 3D blob filter
+              (``noduledet.blobs``: untrained, it proposes what neither learnt); one candidate
+              per place, remembering every source that proposed it (``Candidate.sources``)
            -> stage two, when the checkpoint has it: a 3D classifier scores an isotropic cube
-              around each candidate, the probabilities are combined (``stage2.combine``) and the
-              most probable ``max_candidates`` kept
+              around each candidate of the pool, the probabilities are combined
+              (``stage2.combine``) and the most probable ``max_candidates`` kept
            -> candidates in world mm, most probable first
 
 ``run`` starts from a region already cut out (the prepared cache serves those, made with the
@@ -41,6 +45,8 @@ from noduledet.inference import Detector
 from noduledet.candidates import Candidate, SliceDetections
 from noduledet.merge import merge_slices, z_steps
 from noduledet.models.classifier3d import ClassifierSpec, NoduleClassifier3D
+from noduledet.models.proposer3d import NoduleProposer3D, ProposerSpec
+from noduledet.proposer import look, propose
 
 
 @dataclass
@@ -54,6 +60,7 @@ class ScanResult:
         timings: seconds per stage.
         threshold: the operating point the status counts findings at.
         stage1: the candidates as stage one ranked them (the same list when there is no stage two).
+        pool: every candidate stage two scored, with the probability it gave (empty without stage two).
     """
 
     candidates: list[Candidate]
@@ -62,6 +69,7 @@ class ScanResult:
     timings: dict[str, float] = field(default_factory=dict)
     threshold: float = 0.5
     stage1: list[Candidate] = field(default_factory=list)
+    pool: list[Candidate] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -84,19 +92,23 @@ class Pipeline:
         epoch: the training epoch of the weights, when known.
         classifier: the stage-two classifier, or None (stage one alone).
         operating_points: thresholds calibrated on the validation scans (``noduledet.checkpoint``).
+        proposer: the 3D proposer, or None; its peaks join stage two's pool.
     """
 
     def __init__(self, detector: Detector, settings: EvalConfig, config: Config, epoch: int | None = None,
-                 classifier: NoduleClassifier3D | None = None, operating_points: dict | None = None):
+                 classifier: NoduleClassifier3D | None = None, operating_points: dict | None = None,
+                 proposer: NoduleProposer3D | None = None):
         self.detector, self.settings, self.config, self.epoch = detector, settings, config, epoch
         self.classifier = classifier.to(detector.device).eval() if classifier is not None else None
         self.operating_points = operating_points
+        self.proposer = proposer.to(detector.device).eval() if proposer is not None else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu", stage2: bool = True,
                         **overrides) -> Pipeline:
         """The checkpoint's pipeline; ``overrides`` replace fields of its ``eval`` settings;
-        ``stage2=False`` leaves out a second stage the checkpoint has."""
+        ``stage2=False`` leaves out a second stage the checkpoint has (its proposer stays: the
+        pool of stage two's training is stage one's candidates, the proposer's and the blob filter's)."""
         ckpt = checkpoint.load(path)
         try:
             settings = replace(ckpt.config.eval, **overrides)
@@ -108,7 +120,11 @@ class Pipeline:
         if stage2 and ckpt.stage2 is not None:
             classifier = NoduleClassifier3D(ClassifierSpec.from_dict(ckpt.stage2["spec"]))
             checkpoint.load_weights(classifier, ckpt.stage2["state"], ckpt.path, "its second stage")
-        return cls(detector, settings, ckpt.config, ckpt.epoch, classifier, ckpt.operating_points)
+        proposer = None
+        if ckpt.proposer is not None and ckpt.config.proposer.enabled:
+            proposer = NoduleProposer3D(ProposerSpec.from_dict(ckpt.proposer["spec"]))
+            checkpoint.load_weights(proposer, ckpt.proposer["state"], ckpt.path, "its 3D proposer")
+        return cls(detector, settings, ckpt.config, ckpt.epoch, classifier, ckpt.operating_points, proposer)
 
     def region(self, volume: CTVolume) -> ScanRegion:
         """The scan region of a whole volume (the lungs' box plus the run's margins)."""
@@ -151,37 +167,61 @@ class Pipeline:
             candidates = [c.moved(region.start_zyx) for c in merged]
             timings["merge_3d_s"] = time.perf_counter() - t
         stage1 = candidates[: s.max_candidates]
-        spots: list[Candidate] = []
-        if self.classifier is not None and region.lung_slices and self.config.stage2.blobs:
+        pool: list[Candidate] = []
+        if self.classifier is not None and region.lung_slices:
+            pool = self.pool(hu, geometry, region, candidates, timings)
+        if pool:
             t = time.perf_counter()
-            spots = [c.moved(region.start_zyx) for c in find_blobs(hu, geometry, self.config.stage2.blobs, candidates)]
-            timings["blobs_s"] = time.perf_counter() - t
-        if self.classifier is not None and (candidates or spots):
-            t = time.perf_counter()
-            candidates = self.rescore(hu, geometry, candidates, spots)[: s.max_candidates]
+            pool = self.rescore(hu, geometry, pool)
+            candidates = pool[: s.max_candidates]
             timings["stage2_s"] = time.perf_counter() - t
-        return ScanResult(candidates, detections, region, timings, s.score_threshold, stage1)
+        return ScanResult(candidates, detections, region, timings, s.score_threshold, stage1, pool)
+
+    def pool(self, hu: np.ndarray, geometry: Geometry, region: ScanRegion, stage1: list[Candidate],
+             timings: dict[str, float] | None = None) -> list[Candidate]:
+        """Stage two's pool (module docstring): stage one's ``stage2.candidates`` most probable of
+        ``stage1`` (the scan's frame), the proposer's peaks and the blob filter's spots; a peak or
+        spot on a candidate already there adds its source to it (``join``). Seconds per source
+        go into ``timings``."""
+        timings = {} if timings is None else timings
+        c2, cp = self.config.stage2, self.config.proposer
+        pool = [replace(c) for c in stage1[: c2.candidates]]
+        lungs = segment_lungs(CTVolume(np.asarray(hu), geometry))  # the proposer's and the filter's
+        view = None
+        if self.proposer is not None:
+            t = time.perf_counter()
+            view = look(self.proposer, hu, geometry, self.detector.device)
+            peaks = propose(view, geometry, lungs, cp.candidates, cp.min_score)
+            pool = join(pool, [c.moved(region.start_zyx) for c in peaks], cp.candidates)
+            timings["proposer_s"] = time.perf_counter() - t
+        if c2.blobs:
+            t = time.perf_counter()
+            spots = find_blobs(hu, geometry, c2.blobs + len(pool), lungs)
+            pool = join(pool, [c.moved(region.start_zyx) for c in spots], c2.blobs)
+            timings["blobs_s"] = time.perf_counter() - t
+        if view is not None:  # the proposer's probability at every candidate, whoever proposed it
+            at = np.array([c.voxel_zyx for c in pool], dtype=float).reshape(-1, 3) - np.asarray(region.start_zyx)
+            pool = [replace(c, proposer=float(p)) for c, p in zip(pool, view.heat_at(at))]
+        return pool
 
     @torch.inference_mode()
-    def rescore(self, hu: np.ndarray, geometry: Geometry, candidates: list[Candidate],
-                spots: list[Candidate] = ()) -> list[Candidate]:
-        """Stage two: each candidate's probability combined with the classifier's for the cube
-        around it (``stage2.combine``); the blob filter's ``spots``, which stage one never
-        proposed, keep the classifier's alone. The classifier's ``stage2.flips_top`` most probable
+    def rescore(self, hu: np.ndarray, geometry: Geometry, pool: list[Candidate]) -> list[Candidate]:
+        """Stage two: each candidate of the pool gets the classifier's probability for the cube
+        around it, combined with stage one's (``stage2.combine``; one that stage one did not
+        propose keeps the classifier's alone). The classifier's ``stage2.flips_top`` most probable
         cubes are scored again under the 8 flips of their axes, and the mean taken (the flips
         are among its training augmentations). Most probable first."""
         spec = self.classifier.spec
-        everything = list(candidates) + list(spots)
-        patches = extract_patches(hu, geometry, [c.world_xyz for c in everything], spec.edge, spec.spacing_mm)
+        patches = extract_patches(hu, geometry, [c.world_xyz for c in pool], spec.edge, spec.spacing_mm)
         p2 = self.classify(patches)
         top = np.argsort(-p2, kind="stable")[: self.config.stage2.flips_top]
         if len(top):
             p2[top] = np.mean([self.classify(np.flip(patches[top], axes)) for axes in FLIPS], axis=0)
-        p1 = np.array([c.probability for c in candidates])
-        head = p2[: len(candidates)]
-        p = {"stage2": head, "mean": (p1 + head) / 2, "product": p1 * head}[self.config.stage2.combine]
-        out = [replace(c, probability=float(q), stage1=c.probability) for c, q in zip(candidates, p)]
-        out += [replace(c, probability=float(q), stage1=0.0) for c, q in zip(spots, p2[len(candidates):])]
+        by_stage1 = np.array(["stage1" in c.sources for c in pool])
+        p1 = np.where(by_stage1, [c.probability for c in pool], 0.0)
+        p = {"stage2": p2, "mean": (p1 + p2) / 2, "product": p1 * p2}[self.config.stage2.combine]
+        p = np.where(by_stage1, p, p2)
+        out = [replace(c, probability=float(q), stage1=float(one)) for c, q, one in zip(pool, p, p1)]
         return sorted(out, key=lambda c: -c.probability)
 
     def classify(self, patches: np.ndarray) -> np.ndarray:
@@ -193,6 +233,33 @@ class Pipeline:
 
 
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((1, 2, 3), n)]  # every set of a cube batch's z, y, x axes
+SOURCES = ("stage1", "proposer", "blobs")  # who proposes candidates (Candidate.sources)
+JOIN_MM = 2.5  # a candidate closer than this (or than the larger radius) to one in the pool is that one
+
+
+def join(pool: list[Candidate], new: list[Candidate], count: int) -> list[Candidate]:
+    """``pool`` with up to ``count`` of ``new`` (strongest first) added. One that lies closer to a
+    candidate already in the pool than the larger of their radii (and than ``JOIN_MM``) is that
+    candidate: its sources (and a proposer's probability) are added to the nearest, and it does
+    not count. The pool's candidates keep their place and position."""
+    out = list(pool)
+    world = np.array([c.world_xyz for c in out], dtype=float).reshape(-1, 3)
+    radius = np.array([c.diameter_mm / 2 for c in out], dtype=float)
+    added = 0
+    for c in new:
+        if added >= count:
+            break
+        d = np.linalg.norm(world - c.world_xyz, axis=1)
+        near = np.nonzero(d < np.maximum(np.maximum(radius, c.diameter_mm / 2), JOIN_MM))[0]
+        if len(near):
+            k = near[np.argmin(d[near])]
+            sources = out[k].sources + tuple(s for s in c.sources if s not in out[k].sources)
+            out[k] = replace(out[k], sources=sources, proposer=out[k].proposer if out[k].proposer is not None else c.proposer)
+            continue
+        out.append(c)
+        world, radius = np.vstack([world, c.world_xyz]), np.append(radius, c.diameter_mm / 2)
+        added += 1
+    return out
 
 
 def candidates_table(results: dict[str, list[Candidate]]) -> Findings:

@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,15 +99,11 @@ class RunFolder:
         if improved:
             checkpoint.save(ckpt.without_training(), self.best)
 
-    def set_stage2(self, stage2: dict | None, operating_points: dict | None, config: Config | None = None) -> None:
-        """Write a second stage and its operating points (None: none) into both checkpoints, and
-        ``config`` when given."""
+    def update(self, **fields) -> None:
+        """Write ``fields`` of ``Checkpoint`` into both checkpoints: the stages trained after the
+        detector (``proposer``, ``stage2``: None for none), ``operating_points``, ``config``."""
         for path in (self.best, self.last):
-            ckpt = checkpoint.load(path)
-            ckpt.stage2, ckpt.operating_points = stage2, operating_points
-            if config is not None:
-                ckpt.config = config
-            checkpoint.save(ckpt, path)
+            checkpoint.save(replace(checkpoint.load(path), **fields), path)
 
     def write_metrics(self, history: list[dict]) -> None:
         """``metrics.csv``: one row per epoch, a column per key any epoch has."""

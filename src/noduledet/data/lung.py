@@ -7,12 +7,14 @@ resolution every step is a few milliseconds.
 Steps: air = HU < -400; drop air connected to the image's in-plane border (outside the body and
 the scanner's padding outside the reconstruction circle); keep the air components of at least
 10% of the largest (the lungs with the airways; not bowel gas); close small gaps and fill the
-holes that vessels and nodules leave, slice by slice.
+holes that vessels and nodules leave, slice by slice. Whether a candidate lies in the lungs is asked
+of the mask closed by a rolling ball (``LungMask.contains``), so that a nodule on the pleura, a
+notch in the air, counts as inside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -21,6 +23,8 @@ from noduledet.data.ct import CTVolume
 
 AIR_HU = -400
 COARSE_MM = 3.0
+BALL_MM = 15.0  # the rolling ball that closes the lungs over nodules on the pleura (up to about 30 mm)
+REACH_MM = 6.0  # candidates this close to the closed lungs count as in them
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class LungMask:
     coarse: np.ndarray
     block: tuple[int, int, int]
     shape: tuple[int, int, int]
+    _near: dict = field(default_factory=dict, repr=False, compare=False)  # closed_near's results
 
     @property
     def empty(self) -> bool:
@@ -86,6 +91,29 @@ class LungMask:
         y0, x0, y1, x1 = self.box_yx(int(np.ceil(margin_mm / min(sx, sy))))
         z0, z1 = max(0, int(z[0]) - zm), min(self.shape[0], int(z[-1]) + 1 + zm)
         return ScanRegion((z0, y0, x0), (z1 - z0, y1 - y0, x1 - x0), tuple(int(k) - z0 for k in z))
+
+    def contains(self, points_zyx: np.ndarray, spacing_xyz, reach_mm: float = REACH_MM) -> np.ndarray:
+        """(K,) bool: which full-resolution voxel points (K, 3) lie in the lungs closed by a ball of
+        ``BALL_MM`` (classical CAD's rolling ball: a nodule on the pleura sits in a notch of the air,
+        which the closing fills) or within ``reach_mm`` of them."""
+        points = np.asarray(points_zyx, dtype=float).reshape(-1, 3)
+        if self.empty:
+            return np.zeros(len(points), dtype=bool)
+        near = self.closed_near(tuple(float(v) for v in spacing_xyz), reach_mm)
+        cell = np.clip((points / np.array(self.block)).astype(int), 0, np.array(near.shape) - 1)
+        return near[tuple(cell.T)]
+
+    def closed_near(self, spacing_xyz: tuple[float, float, float], reach_mm: float) -> np.ndarray:
+        """The coarse mask closed by a ball of ``BALL_MM``, then dilated by ``reach_mm`` (distance
+        transforms in mm on the coarse grid; computed once per mask and reach)."""
+        key = (spacing_xyz, reach_mm)
+        if key not in self._near:
+            sampling = np.array(self.block) * np.array(spacing_xyz[::-1])
+            dilated = ndimage.distance_transform_edt(~self.coarse, sampling) <= BALL_MM
+            # beyond the volume's edge counts as outside, so the closing does not grow out to it
+            closed = ndimage.distance_transform_edt(np.pad(dilated, 1), sampling)[1:-1, 1:-1, 1:-1] > BALL_MM
+            self._near[key] = ndimage.distance_transform_edt(~(closed | self.coarse), sampling) <= reach_mm
+        return self._near[key]
 
     def full(self) -> np.ndarray:
         """The mask at full resolution (nearest neighbour), (z, y, x) bool."""
