@@ -29,7 +29,8 @@ def test_markdown_page_stands_alone(tmp_path):
 @pytest.mark.slow  # the whole demo / compare: `python -m pytest -m slow`
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    short = ["stage2.epochs=1", "stage2.samples_per_epoch=64"]  # the config's overrides; stage two's 16 epochs take minutes
+    # the config's overrides: stage two's 16 epochs and the proposer's 600 steps take minutes
+    short = ["stage2.epochs=1", "stage2.samples_per_epoch=64", "proposer.steps=20"]
     assert main(["demo", "-o", str(out), "--scans", "4", "--epochs", "1", "--size", "64", *short]) == 0
     text = capsys.readouterr().out
     assert "stage 2 epoch 1/1:" in text and checkpoint.load(out / "run" / "best.pt").config.stage2.epochs == 1

@@ -114,7 +114,7 @@ class ProposerConfig:
     width: int = 16  # channels at half resolution (then x2, x4)
     patch: int = 48  # training patches, voxels (a multiple of 8)
     batch_size: int = 8
-    steps: int = 300
+    steps: int = 600  # about 2 minutes on 2 cores; its CPM alone rose from 300 to 600 to 1000 (docs/experiments.md)
     lr: float = 0.01
     positives: float = 0.5  # fraction of patches placed around a training nodule (the rest on random lung)
     synthetic: float = 0.5  # fraction of patches given a pasted synthetic nodule (pleural, vascular or free)
