@@ -3,7 +3,7 @@
     python benchmarks/bench_scan.py [--checkpoint runs/phantom-ccapm/best.pt] [--slices 300] [--size 512]
 
 1. A phantom scan of SIZE x SIZE x SLICES through the pipeline's stages (read, lung mask, slice
-   preparation, detector, 3D merge, the blob filter and the second stage when the checkpoint has one), for each step from the naive path (every whole slice,
+   preparation, detector, 3D merge, the 3D proposer, the blob filter and the second stage when the checkpoint has them), for each step from the naive path (every whole slice,
    batch 1) to the default (lung slices of the scan region, batches of 4, channels_last) and
    the ONNX Runtime engine; malloc's thresholds as the CLI sets them (``noduledet.allocator``).
 2. Quality before and after, on the held-out scans of the checkpoint's run (``data/phantom``
@@ -87,12 +87,13 @@ def main() -> None:
             result, read_s = run_scan(pipeline, tmp / "scan.mhd", crop)
             rows.append((name, {"read_s": read_s, **result.timings}, len(result.region.lung_slices)))
         print(f"\n### the pipeline on one {args.size}x{args.size}x{args.slices} scan (seconds)\n")
-        keys = ("read_s", "lung_mask_s", "slice_preparation_s", "detector_s", "merge_3d_s", "blobs_s", "stage2_s")
+        keys = ("read_s", "lung_mask_s", "slice_preparation_s", "detector_s", "merge_3d_s", "proposer_s", "blobs_s",
+                "stage2_s")
         print("| path | slices | " + " | ".join(k[:-2].replace("_", " ") for k in keys) + " | total | ms per slice |")
         print("|---|---:|" + "---:|" * (len(keys) + 2))
         for name, tm, n in rows:
             total = sum(tm.get(k, 0) for k in ("read_s", "lung_mask_s", "slices_and_detector_s", "merge_3d_s",
-                                                "blobs_s", "stage2_s"))
+                                                "proposer_s", "blobs_s", "stage2_s"))
             print(f"| {name} | {n} | " + " | ".join(f"{tm.get(k, 0):.2f}" for k in keys)
                   + f" | **{total:.1f}** | {1000 * tm['detector_s'] / n:.0f} |")
 
