@@ -112,9 +112,9 @@ def interval(metrics: dict[int, dict]) -> str:
     return f"{statistics.fmean(lows):.2f}-{statistics.fmean(highs):.2f}" if lows else "-"
 
 
-def row_line(name: str, row: dict, metrics: dict[int, dict], columns: list[str], runs: Path) -> str:
+def row_line(row: dict, metrics: dict[int, dict], columns: list[str], runs: Path) -> str:
     if not metrics:
-        return f"| {row['what']} | not measured at this commit: `{commands(row, runs)}` |" + " |" * (len(columns) + 2)
+        return f"| {row['what']} | not measured at this commit: `{commands(row, runs)}` |" + " |" * (len(columns) + 3)
     scans = sorted({m["froc"]["scans"] for m in metrics.values()})
     nodules = sorted({m["froc"]["nodules"] for m in metrics.values()})
     cells = [cell([COLUMNS[c][1](m) for m in metrics.values()], COLUMNS[c][2]) for c in columns]
@@ -123,12 +123,12 @@ def row_line(name: str, row: dict, metrics: dict[int, dict], columns: list[str],
             + " | ".join(cells) + f" | {interval(metrics)} | {', '.join(commits(runs, metrics)) or '-'} |")
 
 
-def group_lines(title: str, rows: list[tuple[str, dict, dict[int, dict]]]) -> list[str]:
+def group_lines(title: str, rows: list[tuple[dict, dict[int, dict]]]) -> list[str]:
     """By size and kind: nodules (each seed's sum), pool recall and sensitivities, mean over seeds."""
     lines = [f"**{title}**, by nodule size and kind (mean over seeds; pool = held by any candidate):", "",
              "| run | group | nodules (all seeds) | in the pool | sensitivity at 1 FP/scan | at 4 FP/scan |",
              "|---|---|---:|---:|---:|---:|"]
-    for _, row, metrics in rows:
+    for row, metrics in rows:
         for group in GROUPS:
             found = [g for m in metrics.values() for g in m["froc"].get("by_size", []) + m["froc"].get("by_kind", [])
                      if g["group"] == group and g["nodules"]]
@@ -161,9 +161,9 @@ def table_lines(table: dict, manifest: dict, runs: Path) -> list[str]:
     for name in table["rows"]:
         row = manifest["rows"][name]
         metrics = seed_metrics(runs, row)
-        lines.append(row_line(name, row, metrics, columns, runs))
+        lines.append(row_line(row, metrics, columns, runs))
         if metrics:
-            measured.append((name, row, metrics))
+            measured.append((row, metrics))
     lines += ["", "Commands:", ""] + [f"- {manifest['rows'][n]['what']}: `{commands(manifest['rows'][n], runs)}`"
                                       for n in table["rows"]]
     if table.get("groups") and measured:

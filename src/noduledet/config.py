@@ -130,9 +130,9 @@ class Stage2Config:
     candidates: int = 100  # stage one's most probable candidates that join stage two's pool (then max_candidates kept); 0: none
     blobs: int = 50  # and this many round spots of the 3D blob filter (noduledet.blobs) beside them and the proposer's; 0: none
     size: int = 24  # patch edge in voxels ...
-    spacing_mm: float = 0.8  # ... of this size (a 19.2 mm cube; 1.0 and 1.25 mm scored lower on another generator, docs/results.md)
+    spacing_mm: float = 0.8  # ... of this size (a 19.2 mm cube; 1.0 and 1.25 mm scored lower on another generator, docs/experiments.md)
     width: int = 16  # channels of the classifier's first layer
-    epochs: int = 16  # 8 stopped with the loss still falling (docs/results.md)
+    epochs: int = 16  # 8 stopped with the loss still falling (docs/experiments.md)
     samples_per_epoch: int = 2048  # half nodules, half stage-one false positives, drawn with replacement
     batch_size: int = 32
     lr: float = 0.002
