@@ -26,6 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from noduledet.records import read_meta
+from noduledet.staging import write_text
+
 MANIFEST = Path(__file__).with_name("results.yaml")
 # column -> (header, value of one seed's metrics.json, digits); None where the run lacks it
 COLUMNS = {
@@ -79,13 +82,11 @@ def commits(runs: Path, metrics: dict[int, dict]) -> list[str]:
     """The commits the rows' checkpoints were trained at (stage two's too, when retrained)."""
     seen = []
     for m in metrics.values():
-        meta = Path(m["checkpoint"]).with_name("meta.json")
-        meta = meta if meta.is_absolute() else runs / meta
-        if meta.is_file():
-            record = json.loads(meta.read_text())
-            for git in (record.get("git"), (record.get("stage2_retrained") or {}).get("git")):
-                if git and git not in seen:
-                    seen.append(git)
+        run_dir = Path(m["checkpoint"]).parent
+        record = read_meta(run_dir if run_dir.is_absolute() else runs / run_dir)
+        for git in (record.get("git"), (record.get("stage2_retrained") or {}).get("git")):
+            if git and git not in seen:
+                seen.append(git)
     return seen
 
 
@@ -203,9 +204,7 @@ def rerun(manifest: dict, runs: Path) -> None:
         if done.returncode != 0:
             raise SystemExit(f"error: {command!r} failed; {out} is not made")
         if capture:  # a benchmark's table: what it printed, written whole or not at all
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_name(out.name + ".tmp").write_text(done.stdout)
-            out.with_name(out.name + ".tmp").replace(out)
+            write_text(out, done.stdout)
 
 
 def git_commit() -> str:
@@ -228,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun:
         rerun(manifest, args.runs)
     page = render(manifest, args.runs, git_commit())
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(args.out)
+    write_text(args.out, page)
     print(f"results: {args.out} ({page.count(chr(10))} lines)")
     return 0
 
